@@ -1,0 +1,1 @@
+"""Built-in backbone plugins: reference-compatible ViTs and torchvision ResNets."""

@@ -1,0 +1,240 @@
+"""Vision Transformer with the reference implementation's state-dict layout and numerics.
+
+Keys match the backbones released with the DINO paper (``cls_token``, ``pos_embed``,
+``patch_embed.proj``, ``blocks.{i}.norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2``, ``norm``), so
+those load with strict key checking. The forward pass uses fused attention
+(:func:`torch.nn.functional.scaled_dot_product_attention`); the attention matrix is materialised
+only by :meth:`VisionTransformer.get_last_selfattention`.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dinocli
+
+#: name -> (embed_dim, depth, num_heads), as in the reference implementation.
+VIT_ARCHS: dict[str, tuple[int, int, int]] = {
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+}
+
+
+def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop whole residual branches per sample, rescaling the kept ones."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep = 1.0 - drop_prob
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+class DropPath(nn.Module):
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.drop_prob, self.training)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self._qkv(x)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+    def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """The explicit softmax attention ``[B, heads, N, N]``."""
+        q, k, _ = self._qkv(x)
+        return ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+
+
+class Block(nn.Module):
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path_rate: float
+    ) -> None:
+        super().__init__()
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        self.norm1 = norm(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+        self.norm2 = norm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VisionTransformer(nn.Module):
+    """ViT returning the CLS embedding after the final norm, ``[B, embed_dim]``."""
+
+    supports_attention = True
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        self.embed_dim = self.num_features = embed_dim
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+        self.img_size = img_size
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        num_patches = (img_size // patch_size) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rate) for rate in rates
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_weights)
+
+    def interpolate_pos_encoding(self, npatch: int, h: int, w: int) -> torch.Tensor:
+        """Position embeddings for an ``h x w`` input, as the reference computes them."""
+        N = self.pos_embed.shape[1] - 1
+        if npatch == N and w == h:
+            return self.pos_embed
+        class_pos = self.pos_embed[:, :1]
+        patch_pos = self.pos_embed[:, 1:]
+        dim = self.pos_embed.shape[-1]
+        side = int(math.sqrt(N))
+        # The reference adds 0.1 to avoid floating-point error in the scale factor.
+        h0 = h // self.patch_size + 0.1
+        w0 = w // self.patch_size + 0.1
+        patch_pos = F.interpolate(
+            patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2),
+            scale_factor=(h0 / math.sqrt(N), w0 / math.sqrt(N)),
+            mode="bicubic",
+        )
+        if (patch_pos.shape[-2], patch_pos.shape[-1]) != (int(h0), int(w0)):
+            raise RuntimeError("position-embedding interpolation gave the wrong grid size")
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim)
+        return torch.cat((class_pos, patch_pos), dim=1)
+
+    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens with the CLS token prepended and position embeddings added."""
+        B, _, h, w = x.shape
+        x = self.patch_embed(x)
+        x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
+        return x + self.interpolate_pos_encoding(x.shape[1] - 1, h, w)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """All tokens after the final norm, ``[B, 1 + N, embed_dim]``."""
+        x = self.prepare_tokens(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)[:, 0]
+
+    def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's attention probabilities, ``[B, heads, 1 + N, 1 + N]``."""
+        x = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        last = self.blocks[-1]
+        return last.attn.attention_probs(last.norm1(x))
+
+    def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
+        """The normed token outputs ``[B, 1 + N, D]`` of the last ``n`` blocks."""
+        x = self.prepare_tokens(x)
+        outputs = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if len(self.blocks) - i <= n:
+                outputs.append(self.norm(x))
+        return outputs
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def _factory(arch: str):
+    embed_dim, depth, num_heads = VIT_ARCHS[arch]
+
+    def build(
+        patch_size: int = 16, drop_path_rate: float = 0.0, img_size: int = 224, **_: Any
+    ) -> VisionTransformer:
+        # The position embeddings are sized for the training crop, rounded to whole patches.
+        img_size = max(patch_size, img_size - img_size % patch_size)
+        return VisionTransformer(
+            img_size=img_size,
+            patch_size=patch_size,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            drop_path_rate=drop_path_rate,
+        )
+
+    return build
+
+
+@dinocli.hookimpl
+def dinocli_register_backbones(register) -> None:
+    for arch, (dim, depth, heads) in VIT_ARCHS.items():
+        register(arch, _factory(arch), description=f"ViT {dim} wide, {depth} deep, {heads} heads")

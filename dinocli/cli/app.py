@@ -1,0 +1,86 @@
+"""The Typer app and the error handling every command shares."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+
+from dinocli.errors import DinoError
+
+app = typer.Typer(
+    name="dino",
+    help="DINO self-supervised learning of vision transformers.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+DEBUG_ENV = "DINOCLI_DEBUG"
+
+
+def _version(value: bool) -> None:
+    if value:
+        from dinocli import __version__
+
+        typer.echo(f"dinocli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+) -> None:
+    """DINO self-supervised learning of vision transformers."""
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+
+
+def fail(message: str, code: int) -> None:
+    """Print ``error: message`` as one line on stderr and exit with ``code``."""
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def command(**kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``app.command`` that turns errors into one line on stderr and an exit code.
+
+    :class:`DinoError` exits with its own code (2 for bad input, 1 for runtime failures); any
+    other exception exits with 1; Ctrl-C exits with 130. ``--debug`` shows the traceback.
+    """
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kw: Any) -> Any:
+            try:
+                return fn(*args, **kw)
+            except (typer.Exit, typer.Abort):
+                raise
+            except KeyboardInterrupt:
+                _maybe_traceback()
+                fail("interrupted", 130)
+            except DinoError as exc:
+                _maybe_traceback()
+                fail(str(exc), exc.exit_code)
+            except Exception as exc:  # noqa: BLE001 - the last line of defence
+                _maybe_traceback()
+                fail(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)
+
+        return app.command(**kwargs)(wrapper)
+
+    return decorate
+
+
+def _maybe_traceback() -> None:
+    if os.environ.get(DEBUG_ENV) == "1":
+        traceback.print_exc()

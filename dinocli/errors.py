@@ -1,0 +1,27 @@
+"""Errors that the CLI turns into one line on stderr and an exit code."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class DinoError(Exception):
+    """A failure the user can act on. Exit code 1 (runtime failure)."""
+
+    exit_code = 1
+
+
+class UsageError(DinoError):
+    """Bad input or usage: a wrong option, a missing file, an unknown name. Exit code 2."""
+
+    exit_code = 2
+
+
+def unknown_name(kind: str, name: str, available: Iterable[str]) -> UsageError:
+    """An error for an unknown ``name`` of ``kind`` that lists what exists and the closest match."""
+    choices = sorted(available)
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    listing = ", ".join(choices) if choices else "none"
+    return UsageError(f"unknown {kind} {name!r}.{hint} Available: {listing}.")

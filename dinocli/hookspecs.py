@@ -1,0 +1,72 @@
+"""The hooks a dinocli plugin implements.
+
+A plugin is a module named by an entry point in the group ``dinocli``::
+
+    [project.entry-points.dinocli]
+    my-plugin = "my_package.dinocli_plugin"
+
+The module implements any of the hooks below with ``@dinocli.hookimpl``. Each hook receives a
+``register`` callback; call it once per thing the plugin provides. dinocli owns everything else:
+collection, duplicate detection, validation and error isolation (a plugin that fails is reported
+and the rest keeps working). dinocli's own built-ins are registered exactly this way.
+
+Every factory is called with keyword arguments and must accept (and may ignore) ones it does not
+use, so that new options never break old plugins (``def build(**kwargs)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pluggy
+
+PROJECT = "dinocli"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+Register = Callable[..., None]
+
+
+@hookspec
+def dinocli_register_backbones(register: Register) -> None:
+    """Register backbones: ``register(name, factory, description="")``.
+
+    ``factory(**kwargs)`` returns a :class:`torch.nn.Module` that satisfies
+    :class:`dinocli.interfaces.Backbone`: ``forward(x)`` maps a normalised image batch
+    ``[B, 3, H, W]`` to embeddings ``[B, embed_dim]``, and the module has the attributes
+    ``embed_dim`` (int), ``patch_size`` (int, or ``None`` for a CNN) and ``supports_attention``
+    (bool; when true it also has ``get_last_selfattention(x) -> [B, heads, 1+N, 1+N]``).
+
+    Keyword arguments dinocli passes when it has them: ``patch_size``, ``drop_path_rate``,
+    ``img_size`` (the training crop size). A factory must accept ``**kwargs``.
+    """
+
+
+@hookspec
+def dinocli_register_augmentations(register: Register) -> None:
+    """Register multi-crop augmentation pipelines: ``register(name, factory, description="")``.
+
+    ``factory(**kwargs)`` returns an object satisfying :class:`dinocli.interfaces.Augmentation`:
+    called with a PIL RGB image and a :class:`torch.Generator` (the only source of randomness it
+    may use, so that runs are reproducible and independent of the number of workers), it returns
+    the list of crops as float tensors ``[3, h, w]``, the ``n_global`` global crops first, then
+    the local crops. It has the attributes ``n_global`` and ``n_local``.
+
+    Keyword arguments dinocli passes: ``global_crops_scale`` and ``local_crops_scale`` (pairs),
+    ``local_crops_number``, ``global_crop_size``, ``local_crop_size``, ``mean``, ``std``.
+    """
+
+
+@hookspec
+def dinocli_register_collapse_strategies(register: Register) -> None:
+    """Register collapse-avoidance strategies: ``register(name, factory, description="")``.
+
+    ``factory(**kwargs)`` returns a :class:`dinocli.interfaces.CollapseStrategy` (an
+    :class:`torch.nn.Module` whose buffers are its checkpointed state). A strategy either turns
+    teacher logits into target probabilities (``provides_targets = True``, e.g. centering +
+    sharpening, Sinkhorn-Knopp) or only adds a regulariser to the loss (e.g. KoLeo), or both.
+
+    Keyword arguments dinocli passes: ``out_dim``, ``n_global`` (teacher views), ``n_crops``
+    (student views), ``student_temp``.
+    """

@@ -1,0 +1,256 @@
+"""The plugin registry: entry points in the group ``dinocli``, loaded through pluggy.
+
+Each plugin is loaded and asked to register on its own, so a plugin that fails to import, uses a
+misspelled hook or raises while registering is reported once and listed with its error, while
+everything else keeps working. Set ``DINOCLI_PLUGINS`` to restrict external plugins: ``none``
+(built-ins only) or a comma-separated list of entry-point names to allow.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from dinocli import hookspecs
+from dinocli.errors import DinoError, UsageError, unknown_name
+
+ENV_VAR = "DINOCLI_PLUGINS"
+
+#: Plugin kinds: key -> (hook name, singular, plural).
+KINDS = {
+    "backbones": ("dinocli_register_backbones", "backbone", "backbones"),
+    "augmentations": ("dinocli_register_augmentations", "augmentation", "augmentations"),
+    "collapse_strategies": (
+        "dinocli_register_collapse_strategies",
+        "collapse strategy",
+        "collapse strategies",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered thing: its name, factory and the plugin that registered it."""
+
+    name: str
+    factory: Callable[..., Any]
+    plugin: str
+    description: str = ""
+
+
+@dataclass
+class PluginInfo:
+    """What ``dino plugins`` shows for one plugin."""
+
+    name: str
+    distribution: str
+    version: str
+    builtin: bool
+    provides: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in KINDS})
+    error: str | None = None
+
+
+class Registry:
+    """Backbones, augmentations and collapse strategies by name, and the plugins behind them."""
+
+    def __init__(self) -> None:
+        self.plugins: dict[str, PluginInfo] = {}
+        self._entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
+        self._pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self._pm.add_hookspecs(hookspecs)
+
+    # -- loading ---------------------------------------------------------------------------
+
+    def load_entry_points(self, entry_points: list[metadata.EntryPoint] | None = None) -> None:
+        """Load and register every plugin named by an entry point in the group ``dinocli``."""
+        if entry_points is None:
+            entry_points = list(metadata.entry_points(group=hookspecs.PROJECT))
+        allowed = _allowed_external()
+        for ep in sorted(entry_points, key=lambda e: (not _is_builtin(e), e.name)):
+            builtin = _is_builtin(ep)
+            if not builtin and allowed is not None and ep.name not in allowed:
+                continue
+            dist = ep.dist
+            info = PluginInfo(
+                name=ep.name,
+                distribution=dist.name if dist else "?",
+                version=dist.version if dist else "?",
+                builtin=builtin,
+            )
+            try:
+                module = ep.load()
+            except Exception as exc:  # noqa: BLE001 - isolate any plugin failure
+                self._fail(info, f"failed to import {ep.value}: {type(exc).__name__}: {exc}")
+                continue
+            self.add_plugin(module, info)
+
+    def add_plugin(self, module: object, info: PluginInfo) -> None:
+        """Register one plugin object (a module or any object with hook implementations)."""
+        if info.name in self.plugins:
+            raise DinoError(f"two plugins are named {info.name!r}")
+        self.plugins[info.name] = info
+        try:
+            self._pm.register(module, name=info.name)
+            self._pm.check_pending()
+        except Exception as exc:  # noqa: BLE001 - includes pluggy.PluginValidationError
+            if self._pm.is_registered(module):
+                self._pm.unregister(module)
+            self._fail(info, _first_line(exc))
+            return
+        for kind, (hook_name, *_) in KINDS.items():
+            for impl in getattr(self._pm.hook, hook_name).get_hookimpls():
+                if impl.plugin_name != info.name:
+                    continue
+                try:
+                    impl.function(register=self._register_callback(kind, info))
+                except DinoError as exc:
+                    self._fail(info, str(exc))
+                except Exception as exc:  # noqa: BLE001
+                    self._fail(info, f"{hook_name} raised {type(exc).__name__}: {exc}")
+
+    def _register_callback(self, kind: str, info: PluginInfo) -> Callable[..., None]:
+        kind_name = KINDS[kind][1]
+
+        def register(name: str, factory: Callable[..., Any], description: str = "") -> None:
+            if not isinstance(name, str) or not name:
+                raise DinoError(f"plugin {info.name!r} registered a {kind_name} without a name")
+            if not callable(factory):
+                raise DinoError(
+                    f"plugin {info.name!r} registered {kind_name} {name!r} with a factory "
+                    f"that is not callable"
+                )
+            existing = self._entries[kind].get(name)
+            if existing is not None:
+                raise DinoError(
+                    f"{kind_name} {name!r} is registered twice: by plugin {existing.plugin!r} "
+                    f"and by plugin {info.name!r}"
+                )
+            self._entries[kind][name] = Entry(name, factory, info.name, description)
+            info.provides[kind].append(name)
+
+        return register
+
+    def _fail(self, info: PluginInfo, message: str) -> None:
+        self.plugins[info.name] = info
+        info.error = message if info.error is None else info.error
+        print(f"dinocli: plugin {info.name!r} disabled: {message}", file=sys.stderr)
+
+    # -- lookup ----------------------------------------------------------------------------
+
+    def names(self, kind: str) -> list[str]:
+        """Sorted names registered for ``kind`` (one of :data:`KINDS`)."""
+        return sorted(self._entries[kind])
+
+    def get(self, kind: str, name: str) -> Entry:
+        """The entry for ``name``, or a :class:`UsageError` that suggests the closest name."""
+        try:
+            return self._entries[kind][name]
+        except KeyError:
+            raise unknown_name(KINDS[kind][1], name, self._entries[kind]) from None
+
+    def create(self, kind: str, name: str, **kwargs: Any) -> Any:
+        """Build ``name`` with its factory; a failure inside the factory names the plugin."""
+        entry = self.get(kind, name)
+        try:
+            return entry.factory(**kwargs)
+        except DinoError:
+            raise
+        except Exception as exc:
+            raise DinoError(
+                f"{KINDS[kind][1]} {name!r} from plugin {entry.plugin!r} failed to build: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+
+def _is_builtin(ep: metadata.EntryPoint) -> bool:
+    return ep.value.startswith("dinocli.") and ep.dist is not None and ep.dist.name == "dinocli"
+
+
+def _allowed_external() -> set[str] | None:
+    value = os.environ.get(ENV_VAR)
+    if value is None or value.strip() in ("", "all"):
+        return None
+    if value.strip().lower() in ("none", "0", "off"):
+        return set()
+    return {name.strip() for name in value.split(",") if name.strip()}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+_REGISTRY: Registry | None = None
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, loaded from entry points on first use."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        registry = Registry()
+        registry.load_entry_points()
+        if not any(info.builtin for info in registry.plugins.values()):
+            raise DinoError(
+                "dinocli's built-in plugins were not found: install the package "
+                "(pip install -e .) so that its entry points exist"
+            )
+        _REGISTRY = registry
+    return _REGISTRY
+
+
+def reset_registry() -> None:
+    """Forget the loaded registry (the next lookup reloads the entry points)."""
+    global _REGISTRY
+    _REGISTRY = None
+
+
+def list_backbones() -> list[str]:
+    """Names of every registered backbone."""
+    return get_registry().names("backbones")
+
+
+def list_augmentations() -> list[str]:
+    """Names of every registered augmentation pipeline."""
+    return get_registry().names("augmentations")
+
+
+def list_collapse_strategies() -> list[str]:
+    """Names of every registered collapse-avoidance strategy."""
+    return get_registry().names("collapse_strategies")
+
+
+def create_backbone(name: str, **kwargs: Any) -> Any:
+    """Build backbone ``name`` (e.g. ``vit_small``) with random weights."""
+    return get_registry().create("backbones", name, **kwargs)
+
+
+def create_augmentation(name: str, **kwargs: Any) -> Any:
+    """Build augmentation pipeline ``name`` (e.g. ``dino``)."""
+    return get_registry().create("augmentations", name, **kwargs)
+
+
+def create_collapse_strategy(name: str, **kwargs: Any) -> Any:
+    """Build collapse-avoidance strategy ``name`` (e.g. ``centering``)."""
+    return get_registry().create("collapse_strategies", name, **kwargs)
+
+
+__all__ = [
+    "Entry",
+    "PluginInfo",
+    "Registry",
+    "UsageError",
+    "create_augmentation",
+    "create_backbone",
+    "create_collapse_strategy",
+    "get_registry",
+    "list_augmentations",
+    "list_backbones",
+    "list_collapse_strategies",
+    "reset_registry",
+]

@@ -1,0 +1,235 @@
+"""Reading weights safely, in every format dinocli knows. The one place that calls ``torch.load``.
+
+Formats: safetensors files (dinocli exports, any backbone state dict); PyTorch files: the
+reference implementation's full training checkpoints (``teacher``/``student`` sub-dicts with
+``module.`` and ``backbone.`` prefixes and a pickled ``argparse.Namespace``), its released
+backbone-only state dicts, and dinocli's own checkpoints. Pickles are opened with
+``weights_only=True``: a file that needs any Python object beyond tensors, containers and
+``argparse.Namespace`` is refused, and its code never runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors import safe_open
+from torch import nn
+
+from dinocli.errors import DinoError, UsageError
+
+#: safetensors metadata key / checkpoint entry naming the backbone: {"name": ..., "kwargs": {...}}.
+BACKBONE_SPEC_KEY = "dinocli.backbone"
+_PREFIXES = ("module.", "backbone.", "_orig_mod.")
+
+
+@dataclass
+class BackboneWeights:
+    """A backbone's tensors in the reference layout, the head's, and what the file says of them."""
+
+    state_dict: dict[str, torch.Tensor]
+    head: dict[str, torch.Tensor] = field(default_factory=dict)
+    spec: dict[str, Any] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def torch_load(path: str | Path) -> Any:
+    """``torch.load`` with ``weights_only=True`` (plus ``argparse.Namespace``), on the CPU."""
+    path = _existing(path)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found:
+            raise DinoError(
+                f"refusing to load {path}: it needs the Python object {found.group(1)!r}, which "
+                "could run code; only tensors, containers and argparse.Namespace are allowed"
+            ) from None
+        raise UsageError(f"{path} is not a PyTorch checkpoint dinocli can read: {exc}") from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"{path} is not a readable PyTorch checkpoint: {reason}") from None
+
+
+def read_backbone_weights(path: str | Path, checkpoint_key: str = "teacher") -> BackboneWeights:
+    """The backbone (and head) tensors of any weights file, with prefixes stripped."""
+    path = _existing(path)
+    if _is_safetensors(path):
+        tensors, meta = _read_safetensors(path)
+        spec = json.loads(meta[BACKBONE_SPEC_KEY]) if BACKBONE_SPEC_KEY in meta else None
+        backbone, head = _split(tensors)
+        return BackboneWeights(backbone, head, spec, meta)
+    obj = torch_load(path)
+    if not isinstance(obj, dict):
+        raise UsageError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint")
+    metadata: dict[str, Any] = {}
+    spec = obj.get(BACKBONE_SPEC_KEY)
+    if checkpoint_key in obj and isinstance(obj[checkpoint_key], dict):
+        metadata = {k: v for k, v in obj.items() if not isinstance(v, dict) or k == "config"}
+        state = obj[checkpoint_key]
+    elif _all_tensors(obj):
+        state = obj
+    else:
+        subdicts = sorted(k for k, v in obj.items() if isinstance(v, dict) and _all_tensors(v))
+        hint = f" It has: {', '.join(subdicts)}; choose one with --checkpoint-key." if subdicts else ""
+        raise UsageError(f"{path} has no {checkpoint_key!r} weights.{hint}")
+    if not _all_tensors(state):
+        raise UsageError(f"{path}: the {checkpoint_key!r} entry is not a state dict of tensors")
+    backbone, head = _split(state)
+    return BackboneWeights(backbone, head, spec, metadata)
+
+
+def build_backbone(
+    weights: BackboneWeights, arch: str | None = None, patch_size: int | None = None
+) -> nn.Module:
+    """A backbone built for ``weights`` (named by the file, by ``arch`` or inferred) and loaded strictly."""
+    from dinocli.registry import create_backbone
+
+    spec = dict(weights.spec) if weights.spec else infer_backbone_spec(weights.state_dict)
+    kwargs = dict(spec.get("kwargs", {}))
+    if arch is not None:
+        spec["name"] = arch
+    if patch_size is not None:
+        kwargs["patch_size"] = patch_size
+    model = create_backbone(spec["name"], **kwargs)
+    load_state_dict_strict(model, weights.state_dict, what=spec["name"])
+    return model
+
+
+def load_backbone(
+    path: str | Path,
+    arch: str | None = None,
+    patch_size: int | None = None,
+    checkpoint_key: str = "teacher",
+) -> nn.Module:
+    """The backbone stored in ``path``, in eval mode, on the CPU.
+
+    Reads every format dinocli knows (see the module docstring). The architecture and patch
+    size come from the file's metadata or are inferred from the tensors when not given.
+    """
+    weights = read_backbone_weights(path, checkpoint_key)
+    return build_backbone(weights, arch, patch_size).eval()
+
+
+def infer_backbone_spec(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """``{"name", "kwargs"}`` of the built-in backbone whose layout the tensors have."""
+    from dinocli.backbones.resnet import RESNETS
+    from dinocli.backbones.vit import VIT_ARCHS
+
+    if "cls_token" in state_dict and "patch_embed.proj.weight" in state_dict:
+        dim = state_dict["cls_token"].shape[-1]
+        depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+        patch = state_dict["patch_embed.proj.weight"].shape[-1]
+        n_patches = state_dict["pos_embed"].shape[1] - 1 if "pos_embed" in state_dict else 0
+        side = math.isqrt(n_patches)
+        for name, (d, layers, _) in VIT_ARCHS.items():
+            if d == dim and layers == depth:
+                return {"name": name, "kwargs": {"patch_size": patch, "img_size": side * patch}}
+        raise UsageError(
+            f"these ViT weights ({dim} wide, {depth} deep) match no built-in ViT; pass --arch"
+        )
+    if "conv1.weight" in state_dict and "layer1.0.conv1.weight" in state_dict:
+        blocks = tuple(
+            len({k.split(".")[1] for k in state_dict if k.startswith(f"layer{i}.")})
+            for i in range(1, 5)
+        )
+        bottleneck = "layer1.0.conv3.weight" in state_dict
+        layouts = {
+            ((2, 2, 2, 2), False): "resnet18",
+            ((3, 4, 6, 3), False): "resnet34",
+            ((3, 4, 6, 3), True): "resnet50",
+            ((3, 4, 23, 3), True): "resnet101",
+            ((3, 8, 36, 3), True): "resnet152",
+        }
+        name = layouts.get((blocks, bottleneck))
+        if name in RESNETS:
+            return {"name": name, "kwargs": {}}
+    raise UsageError("cannot tell which backbone these weights belong to; pass --arch")
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> None:
+    """Load with strict key and shape checking; the error names what does not fit."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_preview(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_preview(unexpected)}")
+        raise UsageError(f"the weights do not fit {what}: {'; '.join(parts)}")
+    for key, tensor in state_dict.items():
+        if tuple(tensor.shape) != tuple(own[key].shape):
+            raise UsageError(
+                f"the weights do not fit {what}: {key!r} has shape {list(tensor.shape)} in the "
+                f"file but {list(own[key].shape)} in the model"
+            )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"weights file not found: {path}")
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder, not a weights file")
+    return path
+
+
+def _is_safetensors(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            return {key: f.get_tensor(key) for key in f.keys()}, meta
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UsageError(f"{path} is not a valid safetensors file: {exc}") from None
+
+
+def _split(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    backbone: dict[str, torch.Tensor] = {}
+    head: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        key = _strip(key)
+        if key.startswith("head."):
+            head[key[len("head.") :]] = value
+        elif key.startswith("fc.") or key == "head":
+            continue  # a ResNet's classifier; the reference removes it too
+        else:
+            backbone[key] = value
+    return backbone, head
+
+
+def _strip(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix) :], True
+    return key
+
+
+def _all_tensors(obj: dict) -> bool:
+    return bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _preview(keys: list[str], n: int = 5) -> str:
+    shown = ", ".join(keys[:n])
+    return f"[{shown}{', ...' if len(keys) > n else ''}] ({len(keys)})"
