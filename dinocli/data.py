@@ -1,0 +1,72 @@
+"""Finding and decoding images: recursive folders, ImageFolder labels, any image mode to RGB."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+from dinocli.errors import UsageError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+
+
+def find_images(root: str | Path) -> list[Path]:
+    """Every image file under ``root`` (recursive, sorted, hidden files skipped)."""
+    root = Path(root)
+    if not root.exists():
+        raise UsageError(f"data folder not found: {root}")
+    if not root.is_dir():
+        raise UsageError(f"{root} is not a folder")
+    images = sorted(
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    if not images:
+        exts = ", ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
+        raise UsageError(f"no images found under {root} (looked for {exts})")
+    return images
+
+
+def image_folder(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
+    """Images with labels: ImageFolder layout (label = index of the class folder in sorted order).
+
+    When ``root`` holds images outside class folders, it is a plain folder tree: every label is -1
+    and the class list is empty.
+    """
+    root = Path(root)
+    images = find_images(root)
+    if any(p.parent == root for p in images):
+        return images, [-1] * len(images), []
+    classes = sorted({p.relative_to(root).parts[0] for p in images})
+    index = {name: i for i, name in enumerate(classes)}
+    return images, [index[p.relative_to(root).parts[0]] for p in images], classes
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """Decode ``path`` as an RGB image, whatever its mode (grayscale, RGBA, palette, CMYK, 16-bit)."""
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` in RGB; 16-bit and float images are rescaled to 8 bits, alpha is dropped."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        img = img.point(lambda v: v / 256).convert("L") if img.mode != "I" else _scale_int(img)
+    elif img.mode == "F":
+        img = _scale_int(img)
+    elif img.mode in ("P", "PA") and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def _scale_int(img: Image.Image) -> Image.Image:
+    lo, hi = img.getextrema()
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    return img.point(lambda v: (v - lo) * scale).convert("L")

@@ -1,0 +1,423 @@
+"""DINO pretraining: student and momentum teacher, multi-crop self-distillation, exact resume."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+import dinocli
+from dinocli.data import find_images
+from dinocli.distributed import ProcessGroup, init_distributed
+from dinocli.errors import DinoError, UsageError
+from dinocli.heads import DINOHead
+from dinocli.io import atomic_write_text
+from dinocli.registry import create_augmentation, create_backbone, create_collapse_strategy
+from dinocli.runtime import autocast, resolve_precision
+from dinocli.train.checkpoint import (
+    BACKBONE_SPEC_KEY,
+    LATEST,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from dinocli.train.config import PretrainConfig, to_toml
+from dinocli.train.loss import multicrop_cross_entropy
+from dinocli.train.model import MultiCropNetwork, ema_update
+from dinocli.train.optim import build_optimizer, clip_gradients, param_groups
+from dinocli.train.progress import MetricsLog, TrainingDisplay
+from dinocli.train.sampler import EpochSampler
+from dinocli.train.schedules import Schedules, build_schedules
+from dinocli.weights import read_backbone_weights
+
+STUDENT_TEMP = 0.1
+
+#: Options that fix the shape of what a checkpoint holds: a resumed run must keep them.
+STRUCTURAL = (
+    "arch", "patch_size", "out_dim", "norm_last_layer", "use_bn_in_head", "collapse",
+    "augmentation", "local_crops_number", "global_crop_size", "optimizer", "batch_size",
+)
+
+
+@dataclass
+class PretrainResult:
+    """Where a finished run left its files, and how it ended."""
+
+    output: Path
+    checkpoint: Path
+    epochs: int
+    iterations: int
+    last_loss: float
+    skipped_images: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resolve_data(data: str) -> Path:
+    """The image folder: ``demo`` is the built-in data set's training split."""
+    if data == "demo":
+        from dinocli.demo_data import demo_dataset
+
+        return demo_dataset() / "train"
+    return Path(data)
+
+
+def pretrain(cfg: PretrainConfig, display_rich: bool | None = None) -> PretrainResult:
+    """Train a DINO student and teacher as ``cfg`` says; resumes from ``cfg.output`` if it holds a run."""
+    group, device = init_distributed(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    trainer = Trainer(cfg, group, device, precision, display_rich)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+class Trainer:
+    """One training run; :meth:`run` goes from the current state to ``cfg.epochs``."""
+
+    def __init__(
+        self,
+        cfg: PretrainConfig,
+        group: ProcessGroup,
+        device: torch.device,
+        precision: str,
+        display_rich: bool | None = None,
+    ) -> None:
+        self.cfg, self.group, self.device, self.precision = cfg, group, device, precision
+        self.out = Path(cfg.output)
+        if self.out.exists() and not self.out.is_dir():
+            raise UsageError(f"--output {self.out} exists and is not a folder")
+        if group.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        self.paths = find_images(resolve_data(cfg.data))
+        self.augmentation = create_augmentation(
+            cfg.augmentation,
+            global_crops_scale=cfg.global_crops_scale,
+            local_crops_scale=cfg.local_crops_scale,
+            local_crops_number=cfg.local_crops_number,
+            global_crop_size=cfg.global_crop_size,
+            local_crop_size=cfg.local_crop_size,
+        )
+        self.n_global = self.augmentation.n_global
+        self.n_crops = self.n_global + self.augmentation.n_local
+
+        torch.manual_seed(cfg.seed)
+        self.spec = {
+            "name": cfg.arch,
+            "kwargs": {"patch_size": cfg.patch_size, "img_size": cfg.global_crop_size},
+        }
+        student_backbone = create_backbone(
+            cfg.arch, drop_path_rate=cfg.drop_path_rate, **self.spec["kwargs"]
+        )
+        teacher_backbone = create_backbone(cfg.arch, drop_path_rate=0.0, **self.spec["kwargs"])
+        embed_dim = int(student_backbone.embed_dim)
+        self.student = MultiCropNetwork(
+            student_backbone,
+            DINOHead(embed_dim, cfg.out_dim, cfg.use_bn_in_head, cfg.norm_last_layer),
+        )
+        self.teacher = MultiCropNetwork(
+            teacher_backbone, DINOHead(embed_dim, cfg.out_dim, cfg.use_bn_in_head)
+        )
+        if cfg.init_from:
+            self._init_from(cfg.init_from)
+        if group.world_size > 1:
+            self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+            self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
+        self.student.to(device)
+        self.teacher.to(device)
+        self.teacher.load_state_dict(self.student.state_dict())
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.strategy = create_collapse_strategy(
+            cfg.collapse,
+            out_dim=cfg.out_dim,
+            n_global=self.n_global,
+            n_crops=self.n_crops,
+            student_temp=STUDENT_TEMP,
+        ).to(device)
+        if not getattr(self.strategy, "provides_targets", True):
+            raise UsageError(
+                f"collapse strategy {cfg.collapse!r} only adds a regulariser; it cannot make "
+                "teacher targets on its own"
+            )
+
+        self.model = (
+            DistributedDataParallel(self.student, device_ids=[device] if device.type == "cuda" else None)
+            if group.world_size > 1
+            else self.student
+        )
+        self.params = [p for p in self.student.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(cfg.optimizer, param_groups(self.student))
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
+        self.sampler = EpochSampler(
+            len(self.paths), cfg.batch_size, cfg.seed, group.rank, group.world_size
+        )
+        self.iters_per_epoch = self.sampler.batches_per_epoch
+        if self.iters_per_epoch == 0:
+            raise UsageError(
+                f"{len(self.paths)} images are fewer than one global batch of "
+                f"{cfg.batch_size * group.world_size}; lower --batch-size"
+            )
+        self.schedules: Schedules = build_schedules(
+            lr=cfg.lr,
+            min_lr=cfg.min_lr,
+            global_batch=cfg.batch_size * group.world_size,
+            weight_decay=cfg.weight_decay,
+            weight_decay_end=cfg.weight_decay_end,
+            momentum_teacher=cfg.momentum_teacher,
+            warmup_teacher_temp=cfg.warmup_teacher_temp,
+            teacher_temp=cfg.teacher_temp,
+            warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs,
+            epochs=cfg.epochs,
+            warmup_epochs=cfg.warmup_epochs,
+            iters_per_epoch=self.iters_per_epoch,
+        )
+        self.epoch = 0  # completed epochs
+        self.iteration = 0  # completed iterations
+        self.skipped_images = 0
+        self.display = TrainingDisplay(
+            cfg.epochs,
+            self.iters_per_epoch,
+            enabled=group.is_main,
+            rich=display_rich if cfg.progress else False,
+        )
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=group.is_main)
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def _init_from(self, path: str) -> None:
+        from dinocli.weights import load_state_dict_strict
+
+        weights = read_backbone_weights(path)
+        load_state_dict_strict(self.student.backbone, weights.state_dict, what=self.cfg.arch)
+        if weights.head:
+            load_state_dict_strict(self.student.head, weights.head, what="the DINO head")
+
+    def _loader(self) -> DataLoader:
+        from dinocli.datasets import MultiCropDataset, collate_multicrop
+
+        dataset = MultiCropDataset(
+            self.paths, self.augmentation, seed=self.cfg.seed, on_bad_image=self.cfg.on_bad_image
+        )
+        workers = self.cfg.num_workers if self.cfg.num_workers >= 0 else min(10, os.cpu_count() or 1)
+        return DataLoader(
+            dataset,
+            batch_size=self.cfg.batch_size,
+            sampler=self.sampler,
+            num_workers=workers,
+            collate_fn=collate_multicrop,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(self.cfg.seed),
+        )
+
+    def resume_if_possible(self) -> bool:
+        """Continue from ``RUN/checkpoint.pth`` when it exists; says so."""
+        path = self.out / LATEST
+        if not path.exists():
+            return False
+        ckpt = load_checkpoint(path)
+        saved = ckpt.get("config", {})
+        changed = [k for k in STRUCTURAL if k in saved and _plain(saved[k]) != _plain(getattr(self.cfg, k))]
+        if changed:
+            details = ", ".join(f"{k}: {saved[k]!r} -> {getattr(self.cfg, k)!r}" for k in changed)
+            raise UsageError(
+                f"{path} was trained with other settings ({details}); use another --output "
+                "or --init-from to start a new run from its weights"
+            )
+        self.student.load_state_dict(ckpt["student"])
+        self.teacher.load_state_dict(ckpt["teacher"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.strategy.load_state_dict(ckpt["strategy"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        self.epoch, self.iteration = int(ckpt["epoch"]), int(ckpt["iteration"])
+        self.skipped_images = int(ckpt.get("skipped_images", 0))
+        self.metrics.truncate_after(self.iteration)
+        other = [k for k in saved if k not in STRUCTURAL and k != "output"
+                 and _plain(saved[k]) != _plain(getattr(self.cfg, k, None))]
+        note = f" (changed: {', '.join(other)})" if other else ""
+        self.display.log(
+            f"resuming from {path}: epoch {self.epoch}, iteration {self.iteration}{note}"
+        )
+        return True
+
+    # -- training ---------------------------------------------------------------------------
+
+    def run(self) -> PretrainResult:
+        cfg = self.cfg
+        resumed = self.resume_if_possible()
+        if self.group.is_main:
+            atomic_write_text(self.out / "config.toml", to_toml(cfg))
+            if not resumed:
+                self.display.log(to_toml(cfg).rstrip())
+            self.display.log(
+                f"{len(self.paths)} images, {self.iters_per_epoch} iterations per epoch, "
+                f"device {self.device}, precision {self.precision}, "
+                f"{self.group.world_size} process(es)"
+            )
+        history: list[dict[str, Any]] = []
+        last_loss = float("nan")
+        loader = self._loader() if self.epoch < cfg.epochs else None
+        while self.epoch < cfg.epochs:
+            done_in_epoch = self.iteration - self.epoch * self.iters_per_epoch
+            self.sampler.set_epoch(self.epoch, skip_batches=max(done_in_epoch, 0))
+            record = self.train_one_epoch(loader, max(done_in_epoch, 0))
+            last_loss = record["loss"]
+            history.append(record)
+            self.epoch += 1
+            self.save()
+        self.display.close()
+        if self.group.is_main and self.skipped_images:
+            self.display.log(f"{self.skipped_images} unreadable image(s) were skipped in this run")
+        return PretrainResult(
+            output=self.out,
+            checkpoint=self.out / LATEST,
+            epochs=self.epoch,
+            iterations=self.iteration,
+            last_loss=last_loss,
+            skipped_images=self.skipped_images,
+            history=history,
+        )
+
+    def train_one_epoch(self, loader: DataLoader, done: int) -> dict[str, Any]:
+        cfg, sched = self.cfg, self.schedules
+        self.student.train()
+        self.display.start_epoch(self.epoch, done)
+        temp = sched.teacher_temp(self.epoch)
+        total, count, skipped = 0.0, 0, 0
+        tick, tick_images = time.perf_counter(), 0
+        start = time.perf_counter()
+        for views, n_skipped in loader:
+            skipped += n_skipped
+            it = self.iteration
+            lr, wd, momentum = sched.lr(it), sched.weight_decay(it), sched.momentum(it)
+            for i, group in enumerate(self.optimizer.param_groups):
+                group["lr"] = lr
+                if i == 0:
+                    group["weight_decay"] = wd
+            loss, extra = self.step(views, temp, momentum)
+            total, count = total + loss, count + 1
+            self.iteration += 1
+            tick_images += views[0].shape[0] * self.group.world_size
+            if self.iteration % cfg.log_every == 0 or count == 1:
+                now = time.perf_counter()
+                record = {
+                    "epoch": self.epoch, "iteration": self.iteration, "loss": loss, "lr": lr,
+                    "wd": wd, "momentum": momentum, "teacher_temp": temp,
+                    "images_per_s": tick_images / max(now - tick, 1e-9), **extra,
+                }
+                tick, tick_images = now, 0
+                self.metrics.write(record)
+                self.display.update(record, log_line=True)
+            else:
+                self.display.update({"loss": loss}, log_line=False)
+        self.skipped_images += skipped
+        elapsed = time.perf_counter() - start
+        record = {
+            "epoch": self.epoch, "iteration": self.iteration, "loss": total / max(count, 1),
+            "epoch_time_s": elapsed, "skipped_images": skipped, "summary": "epoch",
+        }
+        self.metrics.write(record)
+        self.display.log(
+            f"epoch {self.epoch + 1}/{cfg.epochs} done: loss {record['loss']:.4f}, "
+            f"{elapsed:.1f}s" + (f", {skipped} unreadable image(s) skipped" if skipped else "")
+        )
+        return record
+
+    def step(self, views: list[torch.Tensor], temp: float, momentum: float) -> tuple[float, dict]:
+        """One iteration: forward both networks, DINO loss, update the student, then the teacher."""
+        cfg = self.cfg
+        views = [v.to(self.device, non_blocking=True) for v in views]
+        with autocast(self.precision, self.device):
+            with torch.no_grad():
+                _, teacher_logits = self.teacher(views[: self.n_global])
+            student_emb, student_logits = self.model(views)
+        teacher_logits = teacher_logits.float()
+        targets = self.strategy.targets(teacher_logits, temp)
+        loss = multicrop_cross_entropy(student_logits, targets, self.n_crops, STUDENT_TEMP)
+        n_global_rows = teacher_logits.shape[0]
+        reg = self.strategy.regularizer(student_emb[:n_global_rows].float(), student_logits.float())
+        if reg is not None:
+            loss = loss + reg
+        value = loss.item()
+        if not math.isfinite(value):
+            raise DinoError(
+                f"the loss became {value} at epoch {self.epoch + 1}, iteration {self.iteration + 1}; "
+                f"the last checkpoint ({self.out / LATEST}) is intact. Try --precision fp32, a "
+                "lower --lr, a smaller --clip-grad or a longer --warmup-epochs"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if cfg.clip_grad > 0:
+            clip_gradients(self.params, cfg.clip_grad, cfg.clip_grad_mode)
+        if self.epoch < cfg.freeze_last_layer:
+            for p in self.student.head.last_layer.parameters():
+                p.grad = None
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        ema_update(self.teacher, self.student, momentum)
+        self.strategy.update(teacher_logits)
+        extra = {k: float(v) for k, v in self.strategy.metrics().items()}
+        if self.device.type == "cuda":
+            extra["max_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        return value, extra
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "student": self.student.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "strategy": self.strategy.state_dict(),
+            "epoch": self.epoch,
+            "iteration": self.iteration,
+            "skipped_images": self.skipped_images,
+            "config": self.cfg.to_dict(),
+            "rng": rng_state(),
+            BACKBONE_SPEC_KEY: self.spec,
+            "dinocli.version": dinocli.__version__,
+        }
+
+    def save(self) -> None:
+        """``checkpoint.pth`` now, and ``checkpoint{epoch:04d}.pth`` every ``saveckp_freq`` epochs."""
+        if not self.group.is_main:
+            return
+        state = self.state()
+        save_checkpoint(self.out / LATEST, state)
+        freq = self.cfg.saveckp_freq
+        if freq and self.epoch % freq == 0:
+            save_checkpoint(self.out / f"checkpoint{self.epoch:04d}.pth", state)
+
+    def close(self) -> None:
+        self.display.close()
+        self.metrics.close()
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

@@ -1,0 +1,115 @@
+"""What a training run shows and records: a rich progress display or log lines, and metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from dinocli.io import atomic_write_text
+
+SHOWN = ("loss", "lr", "wd", "momentum", "teacher_temp", "images_per_s")
+
+
+def _fmt(key: str, value: Any) -> str:
+    if isinstance(value, float):
+        if key in ("lr", "wd") or (value != 0 and abs(value) < 1e-3):
+            return f"{key} {value:.2e}"
+        return f"{key} {value:.4g}"
+    return f"{key} {value}"
+
+
+class TrainingDisplay:
+    """A rich progress bar on stderr when it is a terminal, plain periodic log lines otherwise."""
+
+    def __init__(self, epochs: int, iters_per_epoch: int, enabled: bool, rich: bool | None = None) -> None:
+        self.enabled = enabled
+        self.console = Console(stderr=True)
+        self.rich = enabled and (self.console.is_terminal if rich is None else rich)
+        self.epochs, self.iters_per_epoch = epochs, iters_per_epoch
+        self._progress: Progress | None = None
+        self._task = None
+
+    def log(self, message: str) -> None:
+        """A line of text on stderr (shown above the progress bar when there is one)."""
+        if not self.enabled:
+            return
+        if self._progress is not None:
+            self._progress.console.print(message, highlight=False)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    def start_epoch(self, epoch: int, done: int = 0) -> None:
+        if not self.rich:
+            return
+        if self._progress is None:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[metrics]}"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self._progress.start()
+        if self._task is not None:
+            self._progress.remove_task(self._task)
+        self._task = self._progress.add_task(
+            f"epoch {epoch + 1}/{self.epochs}", total=self.iters_per_epoch, completed=done, metrics=""
+        )
+
+    def update(self, record: dict[str, Any], advance: int = 1, log_line: bool = False) -> None:
+        text = "  ".join(_fmt(k, record[k]) for k in SHOWN if k in record)
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, advance=advance, metrics=text)
+        elif log_line:
+            it = record.get("iteration", "?")
+            self.log(f"epoch {record.get('epoch', 0) + 1}/{self.epochs} it {it}  {text}")
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``RUN/metrics.jsonl``."""
+
+    def __init__(self, path: str | Path, enabled: bool = True) -> None:
+        self.path = Path(path)
+        self.enabled = enabled
+        self._file = open(self.path, "a", encoding="utf-8") if enabled else None
+
+    def truncate_after(self, iteration: int) -> None:
+        """Drop records past ``iteration`` (left by a run that stopped after its last checkpoint)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+            if record.get("iteration", 0) <= iteration:
+                kept.append(line)
+        self.close()
+        atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._file.write(json.dumps({"time": round(time.time(), 3), **clean}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
