@@ -1,6 +1,8 @@
 """Reading weights safely, in every format dinocli knows. The one place that calls ``torch.load``.
 
-Formats: safetensors files (dinocli exports, any backbone state dict); PyTorch files: the
+Formats: safetensors files (dinocli exports, any backbone state dict); TorchScript archives
+written by ``dino export`` (their tensors only: read without ``torch.jit.load``, so none of
+their TorchScript code is compiled or run); PyTorch files: the
 reference implementation's full training checkpoints (``teacher``/``student`` sub-dicts with
 ``module.`` and ``backbone.`` prefixes and a pickled ``argparse.Namespace``), its released
 backbone-only state dicts, and dinocli's own checkpoints. Pickles are opened with
@@ -11,6 +13,8 @@ backbone-only state dicts, and dinocli's own checkpoints. Pickles are opened wit
 from __future__ import annotations
 
 import argparse
+import collections
+import io
 import json
 import math
 import pickle
@@ -40,6 +44,8 @@ class BackboneWeights:
     head: dict[str, torch.Tensor] = field(default_factory=dict)
     spec: dict[str, Any] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: The checkpoint entry the tensors came from (``teacher``/``student``), when there was one.
+    checkpoint_key: str | None = None
 
 
 def torch_load(path: str | Path) -> Any:
@@ -55,7 +61,9 @@ def torch_load(path: str | Path) -> Any:
                 f"refusing to load {path}: it needs the Python object {found.group(1)!r}, which "
                 "could run code; only tensors, containers and argparse.Namespace are allowed"
             ) from None
-        raise UsageError(f"{path} is not a PyTorch checkpoint dinocli can read: {exc}") from None
+        raise UsageError(
+            f"{path} is not a PyTorch checkpoint dinocli can read (not a valid weights-only pickle)"
+        ) from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"{path} is not a readable PyTorch checkpoint: {reason}") from None
@@ -66,6 +74,11 @@ def read_backbone_weights(path: str | Path, checkpoint_key: str = "teacher") -> 
     path = _existing(path)
     if _is_safetensors(path):
         tensors, meta = _read_safetensors(path)
+        spec = json.loads(meta[BACKBONE_SPEC_KEY]) if BACKBONE_SPEC_KEY in meta else None
+        backbone, head = _split(tensors)
+        return BackboneWeights(backbone, head, spec, meta)
+    if _is_torchscript(path):
+        tensors, meta = _read_torchscript(path)
         spec = json.loads(meta[BACKBONE_SPEC_KEY]) if BACKBONE_SPEC_KEY in meta else None
         backbone, head = _split(tensors)
         return BackboneWeights(backbone, head, spec, meta)
@@ -86,7 +99,8 @@ def read_backbone_weights(path: str | Path, checkpoint_key: str = "teacher") -> 
     if not _all_tensors(state):
         raise UsageError(f"{path}: the {checkpoint_key!r} entry is not a state dict of tensors")
     backbone, head = _split(state)
-    return BackboneWeights(backbone, head, spec, metadata)
+    used_key = checkpoint_key if state is not obj else None
+    return BackboneWeights(backbone, head, spec, metadata, used_key)
 
 
 def build_backbone(
@@ -95,15 +109,23 @@ def build_backbone(
     """A backbone built for ``weights`` (named by the file, by ``arch`` or inferred) and loaded strictly."""
     from dinocli.registry import create_backbone
 
+    spec = resolve_backbone_spec(weights, arch, patch_size)
+    model = create_backbone(spec["name"], **spec["kwargs"])
+    load_state_dict_strict(model, weights.state_dict, what=spec["name"])
+    return model
+
+
+def resolve_backbone_spec(
+    weights: BackboneWeights, arch: str | None = None, patch_size: int | None = None
+) -> dict[str, Any]:
+    """``{"name", "kwargs"}`` that :func:`build_backbone` uses: the file's, inferred, or overridden."""
     spec = dict(weights.spec) if weights.spec else infer_backbone_spec(weights.state_dict)
     kwargs = dict(spec.get("kwargs", {}))
     if arch is not None:
         spec["name"] = arch
     if patch_size is not None:
         kwargs["patch_size"] = patch_size
-    model = create_backbone(spec["name"], **kwargs)
-    load_state_dict_strict(model, weights.state_dict, what=spec["name"])
-    return model
+    return {"name": spec["name"], "kwargs": kwargs}
 
 
 def load_backbone(
@@ -200,6 +222,106 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             return {key: f.get_tensor(key) for key in f.keys()}, meta
     except (SafetensorError, OSError, ValueError) as exc:
         raise UsageError(f"{path} is not a valid safetensors file: {exc}") from None
+
+
+#: TorchScript archive: the metadata file ``dino export`` adds and the storage types it may hold.
+TORCHSCRIPT_METADATA = "dinocli.json"
+_STORAGE_DTYPES = {
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "DoubleStorage": torch.float64,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
+class _ScriptObject:
+    """Stands in for a TorchScript class while reading an archive: it only keeps its attributes."""
+
+    def __init__(self, *args: Any) -> None:
+        self.state: dict[str, Any] = {}
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state if isinstance(state, dict) else {}
+
+
+def _rebuild_tensor(flat: torch.Tensor, offset: int, size: tuple, stride: tuple, *_: Any) -> torch.Tensor:
+    return torch.as_strided(flat, size, stride, offset).clone()
+
+
+class _TorchScriptUnpickler(pickle.Unpickler):
+    """Reads a TorchScript ``data.pkl``: tensors, containers and attribute dicts, nothing else."""
+
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, root: str) -> None:
+        super().__init__(io.BytesIO(data))
+        self.archive, self.root = archive, root
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "__torch__" or module.startswith("__torch__."):
+            return _ScriptObject
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch.jit._pickle" and name.startswith("build_"):
+            return lambda value: value
+        if (module, name) == ("torch.jit._pickle", "restore_type_tag"):
+            return lambda value, _type: value
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> torch.Tensor:
+        kind, dtype, key, _location, numel = pid
+        if kind != "storage" or not isinstance(dtype, torch.dtype):
+            raise pickle.UnpicklingError(f"unsupported storage {kind!r}")
+        data = bytearray(self.archive.read(f"{self.root}/data/{key}"))
+        return torch.frombuffer(data, dtype=dtype, count=numel) if numel else torch.empty(0, dtype=dtype)
+
+
+def _read_torchscript(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a TorchScript archive by attribute path, and its ``dinocli.json`` metadata."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            root = next(n for n in archive.namelist() if n.endswith("/data.pkl")).rsplit("/", 1)[0]
+            order = f"{root}/byteorder"
+            if order in archive.namelist() and archive.read(order).strip() not in (b"", b"little"):
+                raise UsageError(f"{path}: big-endian TorchScript archives are not supported")
+            obj = _TorchScriptUnpickler(archive.read(f"{root}/data.pkl"), archive, root).load()
+            extra = f"{root}/extra/{TORCHSCRIPT_METADATA}"
+            meta = json.loads(archive.read(extra)) if extra in archive.namelist() else {}
+    except pickle.UnpicklingError as exc:
+        raise DinoError(
+            f"refusing to read {path}: its TorchScript data names the Python object {str(exc)!r}; "
+            "only tensors and module attributes are read"
+        ) from None
+    except (KeyError, StopIteration, ValueError, TypeError, RuntimeError, EOFError,
+            zipfile.BadZipFile) as exc:
+        raise UsageError(f"{path} is not a readable TorchScript archive: {exc}") from None
+    tensors: dict[str, torch.Tensor] = {}
+    _collect_tensors(obj, "", tensors)
+    return tensors, {str(k): str(v) for k, v in meta.items()}
+
+
+def _collect_tensors(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> None:
+    if isinstance(obj, torch.Tensor):
+        out[prefix.rstrip(".")] = obj
+    elif isinstance(obj, _ScriptObject):
+        for key, value in getattr(obj, "state", {}).items():
+            _collect_tensors(value, f"{prefix}{key}.", out)
 
 
 def _split(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

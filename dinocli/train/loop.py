@@ -210,12 +210,12 @@ class Trainer:
     def _loader(self) -> DataLoader:
         from dinocli.datasets import MultiCropDataset, collate_multicrop
 
-        dataset = MultiCropDataset(
+        self.dataset = MultiCropDataset(
             self.paths, self.augmentation, seed=self.cfg.seed, on_bad_image=self.cfg.on_bad_image
         )
         workers = self.cfg.num_workers if self.cfg.num_workers >= 0 else min(10, os.cpu_count() or 1)
         return DataLoader(
-            dataset,
+            self.dataset,
             batch_size=self.cfg.batch_size,
             sampler=self.sampler,
             num_workers=workers,
@@ -260,8 +260,10 @@ class Trainer:
 
     # -- training ---------------------------------------------------------------------------
 
-    def run(self) -> PretrainResult:
+    def run(self, stop_after_epoch: int | None = None) -> PretrainResult:
+        """Train to ``cfg.epochs`` (or stop after epoch ``stop_after_epoch``, as an interruption would)."""
         cfg = self.cfg
+        last_epoch = cfg.epochs if stop_after_epoch is None else min(stop_after_epoch, cfg.epochs)
         resumed = self.resume_if_possible()
         if self.group.is_main:
             atomic_write_text(self.out / "config.toml", to_toml(cfg))
@@ -274,10 +276,11 @@ class Trainer:
             )
         history: list[dict[str, Any]] = []
         last_loss = float("nan")
-        loader = self._loader() if self.epoch < cfg.epochs else None
-        while self.epoch < cfg.epochs:
+        loader = self._loader() if self.epoch < last_epoch else None
+        while self.epoch < last_epoch:
             done_in_epoch = self.iteration - self.epoch * self.iters_per_epoch
             self.sampler.set_epoch(self.epoch, skip_batches=max(done_in_epoch, 0))
+            self.dataset.set_epoch(self.epoch)
             record = self.train_one_epoch(loader, max(done_in_epoch, 0))
             last_loss = record["loss"]
             history.append(record)
@@ -306,6 +309,9 @@ class Trainer:
         start = time.perf_counter()
         for views, n_skipped in loader:
             skipped += n_skipped
+            if not views:  # every image of this batch was unreadable: nothing to learn from
+                self.iteration += 1
+                continue
             it = self.iteration
             lr, wd, momentum = sched.lr(it), sched.weight_decay(it), sched.momentum(it)
             for i, group in enumerate(self.optimizer.param_groups):

@@ -8,14 +8,13 @@ import torch
 from torch.utils.data import Sampler
 
 
-class EpochSampler(Sampler[tuple[int, int]]):
-    """Yields ``(epoch, index)`` pairs for this process.
+class EpochSampler(Sampler[int]):
+    """Yields the image indices of this process, epoch by epoch.
 
     Each epoch is a permutation seeded by ``(seed, epoch)``, cut into global batches of
     ``batch_size * world_size`` (an incomplete last batch is dropped); process ``rank`` takes the
     ``rank``-th slice of ``batch_size`` of every global batch. So N processes with batch B/N see
-    exactly the images one process with batch B sees, and the epoch travels with each index to
-    data-loading workers (persistent ones included) to seed each sample's augmentation.
+    exactly the images one process with batch B sees.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
@@ -35,11 +34,10 @@ class EpochSampler(Sampler[tuple[int, int]]):
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.skip) * self.batch_size
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
         global_batch = self.batch_size * self.world_size
         for b in range(self.skip, self.batches_per_epoch):
             start = b * global_batch + self.rank * self.batch_size
-            for index in order[start : start + self.batch_size]:
-                yield self.epoch, index
+            yield from order[start : start + self.batch_size]

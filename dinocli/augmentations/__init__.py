@@ -1,0 +1,1 @@
+"""Built-in multi-crop augmentation pipelines (registered as plugins, see :mod:`.multicrop`)."""

@@ -1,0 +1,144 @@
+"""The built-in ``dino`` augmentation: the multi-crop pipeline of Caron et al. (2021).
+
+Two global crops and ``local_crops_number`` local crops, exactly the reference implementation's
+``DataAugmentationDINO``: RandomResizedCrop (bicubic) -> horizontal flip (p 0.5) -> colour jitter
+(brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, random order, p 0.8) -> grayscale (p 0.2)
+-> Gaussian blur (sigma 0.1-2.0; p 1.0 on global view 1, 0.1 on global view 2, 0.5 on local
+views) -> solarisation (p 0.2, global view 2 only) -> ToTensor -> Normalize.
+
+Crops are resized with torch's uint8 antialiased bicubic kernel (PIL's filter, with weights
+rounded slightly differently); ``pil_resize=True`` resizes with PIL, and then every view is
+byte-for-byte the reference's for the same random parameters.
+
+Every random number comes from the :class:`torch.Generator` passed to the call: one block of
+uniforms per image (:data:`UNIFORMS_PER_VIEW` per view), so the same generator state gives the
+same crops in any process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+
+import dinocli
+from dinocli.augmentations import ops
+from dinocli.augmentations.params import UNIFORMS_PER_VIEW, ViewParams, ViewSpec, sample_view
+from dinocli.data import to_rgb
+from dinocli.errors import UsageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DinoMultiCrop:
+    """The DINO multi-crop pipeline: ``__call__(image, generator) -> [global1, global2, local...]``."""
+
+    n_global = 2
+
+    def __init__(
+        self,
+        global_crops_scale: Sequence[float] = (0.4, 1.0),
+        local_crops_scale: Sequence[float] = (0.05, 0.4),
+        local_crops_number: int = 8,
+        global_crop_size: int = 224,
+        local_crop_size: int = 96,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        pil_resize: bool = False,
+    ) -> None:
+        g_scale = _scale("global_crops_scale", global_crops_scale)
+        l_scale = _scale("local_crops_scale", local_crops_scale)
+        self.n_local = _count("local_crops_number", local_crops_number)
+        g_size = _size("global_crop_size", global_crop_size)
+        l_size = _size("local_crop_size", local_crop_size)
+        self.mean = _triple("mean", mean)
+        self.std = _triple("std", std)
+        self.pil_resize = bool(pil_resize)
+        if min(self.std) <= 0:
+            raise UsageError(f"std must be positive, got {list(self.std)}")
+        self.specs: tuple[ViewSpec, ...] = (
+            ViewSpec(size=g_size, scale=g_scale, blur_p=1.0),
+            ViewSpec(size=g_size, scale=g_scale, blur_p=0.1, solarize_p=0.2),
+        ) + (ViewSpec(size=l_size, scale=l_scale, blur_p=0.5),) * self.n_local
+
+    def sample(self, height: int, width: int, generator: torch.Generator) -> list[ViewParams]:
+        """The random parameters of every view of a ``height x width`` image."""
+        block = torch.rand((len(self.specs), UNIFORMS_PER_VIEW), generator=generator, dtype=torch.float64)
+        return [sample_view(height, width, spec, u) for spec, u in zip(self.specs, block.tolist())]
+
+    def apply(self, image: Image.Image, params: Sequence[ViewParams]) -> list[torch.Tensor]:
+        """The views of ``image`` for given parameters (from :meth:`sample`)."""
+        src = ops.image_to_uint8(to_rgb(image))
+        return [self._view(src, spec, p) for spec, p in zip(self.specs, params)]
+
+    def __call__(self, image: Image.Image, generator: torch.Generator) -> list[torch.Tensor]:
+        image = to_rgb(image)
+        return self.apply(image, self.sample(image.height, image.width, generator))
+
+    def _view(self, src: torch.Tensor, spec: ViewSpec, p: ViewParams) -> torch.Tensor:
+        view = ops.resized_crop(src, p.top, p.left, p.height, p.width, spec.size, pil=self.pil_resize)
+        if p.flip:
+            view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if p.jitter is not None:
+            view = ops.color_jitter(view, p.jitter)
+        if p.grayscale:
+            view = view.convert("L")  # expanded to 3 equal channels by to_normalized_tensor
+        if p.blur_sigma is not None:
+            view = ops.gaussian_blur(view, p.blur_sigma)
+        if p.solarize:
+            view = ops.solarize(view)
+        return ops.to_normalized_tensor(view, self.mean, self.std)
+
+    def __repr__(self) -> str:
+        g, loc = self.specs[0], self.specs[-1]
+        return (
+            f"DinoMultiCrop(global {self.n_global}x{g.size}px scale {g.scale}, "
+            f"local {self.n_local}x{loc.size}px scale {loc.scale if self.n_local else '-'})"
+        )
+
+
+def build(**kwargs: Any) -> DinoMultiCrop:
+    """Factory of the ``dino`` augmentation; unknown keyword arguments are ignored."""
+    known = (
+        "global_crops_scale", "local_crops_scale", "local_crops_number",
+        "global_crop_size", "local_crop_size", "mean", "std", "pil_resize",
+    )  # fmt: skip
+    return DinoMultiCrop(**{k: v for k, v in kwargs.items() if k in known and v is not None})
+
+
+@dinocli.hookimpl
+def dinocli_register_augmentations(register) -> None:
+    register("dino", build, description="DINO multi-crop: 2 global + N local crops (Caron et al. 2021)")
+
+
+def _scale(name: str, value: Sequence[float]) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{name} must be two numbers (min max), got {value!r}") from None
+    if not 0 < lo <= hi <= 1:
+        raise UsageError(f"{name} must satisfy 0 < min <= max <= 1, got {lo} {hi}")
+    return lo, hi
+
+
+def _size(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{name} must be a positive whole number of pixels, got {value!r}")
+    return value
+
+
+def _count(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UsageError(f"{name} must be a whole number >= 0, got {value!r}")
+    return value
+
+
+def _triple(name: str, value: Sequence[float]) -> tuple[float, float, float]:
+    try:
+        a, b, c = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{name} must be three numbers (one per RGB channel), got {value!r}") from None
+    return a, b, c

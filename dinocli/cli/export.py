@@ -1,0 +1,71 @@
+"""``dino export``: a trained backbone as safetensors, TorchScript or ONNX, checked against PyTorch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dinocli.cli.app import command
+
+
+@command(name="export", rich_help_panel="Models")
+def export_command(
+    weights: Annotated[
+        Path,
+        typer.Option(
+            "--weights", "-w", help="Training checkpoint, reference .pth, safetensors or TorchScript export."
+        ),
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="File to write.")],
+    file_format: Annotated[
+        str, typer.Option("--format", "-f", help="safetensors, torchscript or onnx.")
+    ] = "safetensors",
+    checkpoint_key: Annotated[
+        str, typer.Option("--checkpoint-key", help="Which weights of a training checkpoint: teacher or student.")
+    ] = "teacher",
+    include_head: Annotated[
+        bool, typer.Option("--include-head", help="Also store the projection head (safetensors only).")
+    ] = False,
+    dtype: Annotated[str, typer.Option("--dtype", help="fp32, fp16 or bf16 (ONNX: fp32 or fp16).")] = "fp32",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists.")] = False,
+    arch: Annotated[
+        str | None, typer.Option("--arch", help="Backbone name, when the file does not say.")
+    ] = None,
+    patch_size: Annotated[
+        int | None, typer.Option("--patch-size", help="Patch size, when the file does not say.")
+    ] = None,
+) -> None:
+    """Export a backbone as safetensors, TorchScript or ONNX, checked against PyTorch before it is written.
+
+    safetensors: the reference key layout plus metadata; dinocli.load_backbone(OUTPUT) needs no --arch.
+
+    TorchScript and ONNX: normalised images [B, 3, H, W] -> CLS embedding, any batch and image size.
+    """
+    from dinocli.export import export_backbone
+
+    report = export_backbone(
+        weights,
+        output,
+        format=file_format,
+        checkpoint_key=checkpoint_key,
+        include_head=include_head,
+        dtype=dtype,
+        force=force,
+        arch=arch,
+        patch_size=patch_size,
+    )
+    head = f" + {report.n_head_tensors} head tensors" if report.n_head_tensors else ""
+    which = f", {report.checkpoint_key} weights" if report.checkpoint_key else ""
+    typer.echo(
+        f"wrote {report.output} ({report.format}, {report.dtype}, {report.arch}{which}, "
+        f"{report.n_tensors} backbone tensors{head}, {report.size_bytes / 1e6:.1f} MB)"
+    )
+    shapes = ", ".join("x".join(map(str, shape)) for shape, _ in report.checks)
+    typer.echo(
+        f"check: largest |difference| from PyTorch {report.max_abs_diff:.3g} on random batches {shapes}"
+    )
+    dynamic = [name for name, ok in (("batch", report.dynamic_batch), ("image size", report.dynamic_image_size)) if ok]
+    if report.format != "safetensors":
+        typer.echo(f"dynamic: {', '.join(dynamic) if dynamic else 'none (fixed input shape)'}")

@@ -1,0 +1,122 @@
+"""The training data set: multi-crop views of a list of images, reproducible per (seed, epoch, index).
+
+Item ``i`` in epoch ``e`` is augmented with a :class:`torch.Generator` seeded from
+``(seed, epoch, i)`` through numpy's ``SeedSequence``, so a run gives the same crops whatever the
+number of workers, and each epoch sees fresh crops. The epoch lives in shared memory, so
+:meth:`MultiCropDataset.set_epoch` reaches worker processes too (call it before iterating the
+data loader for that epoch, as with ``DistributedSampler``).
+
+Undecodable images are skipped (the item is ``None``, and :func:`collate_multicrop` drops it and
+counts it) or stop the run with a :class:`BadImageError` naming the file.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from dinocli.data import open_rgb
+from dinocli.errors import DinoError, UsageError
+from dinocli.interfaces import Augmentation
+
+OnBadImage = Literal["skip", "fail"]
+
+# What decoding a broken, truncated or hostile file raises (UnidentifiedImageError is an OSError).
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+class BadImageError(DinoError):
+    """An image that cannot be decoded, with ``on_bad_image="fail"``.
+
+    DataLoader workers re-raise errors as ``type(exc)(message_with_traceback)``; the constructor
+    keeps only the original one-line message, so the CLI still prints one line.
+    """
+
+    def __init__(self, message: str) -> None:
+        marker = f"{type(self).__name__}: "
+        if "Original Traceback" in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
+class MultiCropBatch(NamedTuple):
+    """A collated batch: one ``[B, 3, h, w]`` tensor per view, and how many images were skipped.
+
+    ``crops`` is empty when every image of the batch was skipped.
+    """
+
+    crops: list[torch.Tensor]
+    n_skipped: int
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit generator seed that mixes ``(seed, epoch, index)`` (numpy ``SeedSequence``)."""
+    entropy = [int(seed) % 2**64, int(epoch), int(index)]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]) >> 1
+
+
+class MultiCropDataset(Dataset):
+    """Multi-crop views of ``paths``; ``dataset[i]`` is the list of crops, or ``None`` if skipped."""
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        augmentation: Augmentation,
+        seed: int = 0,
+        on_bad_image: OnBadImage = "skip",
+    ) -> None:
+        if on_bad_image not in ("skip", "fail"):
+            raise UsageError(f"on_bad_image must be 'skip' or 'fail', got {on_bad_image!r}")
+        if not paths:
+            raise UsageError("the training data set has no images")
+        self.paths = [Path(p) for p in paths]
+        self.augmentation = augmentation
+        self.seed = int(seed)
+        self.on_bad_image = on_bad_image
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose crops the next items get."""
+        return int(self._epoch.item())
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the crops of ``epoch`` from now on (in this process and in live workers)."""
+        if epoch < 0:
+            raise UsageError(f"epoch must be >= 0, got {epoch}")
+        self._epoch.fill_(int(epoch))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def generator(self, index: int) -> torch.Generator:
+        """The generator that item ``index`` of the current epoch is augmented with."""
+        return torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
+
+    def __getitem__(self, index: int) -> list[torch.Tensor] | None:
+        path = self.paths[index]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = open_rgb(path)
+        except _DECODE_ERRORS as exc:
+            if self.on_bad_image == "fail":
+                raise BadImageError(f"cannot decode image {path}: {exc}") from exc
+            return None
+        return self.augmentation(image, self.generator(index))
+
+
+def collate_multicrop(batch: Sequence[list[torch.Tensor] | None]) -> MultiCropBatch:
+    """Stack each view of the batch into ``[B, 3, h, w]``; ``None`` items are dropped and counted."""
+    items = [item for item in batch if item is not None]
+    n_skipped = len(batch) - len(items)
+    if not items:
+        return MultiCropBatch([], n_skipped)
+    return MultiCropBatch([torch.stack(views) for views in zip(*items)], n_skipped)

@@ -1,0 +1,138 @@
+"""MultiCropDataset: per-(seed, epoch, index) randomness, worker independence, bad images."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import dinocli
+from dinocli.data import find_images, open_rgb
+from dinocli.datasets import BadImageError, MultiCropBatch, MultiCropDataset, collate_multicrop, sample_seed
+from dinocli.errors import UsageError
+
+from conftest import make_rgb_image
+
+
+@pytest.fixture
+def aug():
+    return dinocli.create_augmentation("dino", global_crop_size=16, local_crop_size=8, local_crops_number=2)
+
+
+@pytest.fixture
+def paths(tmp_path):
+    out = []
+    for i in range(6):
+        path = tmp_path / f"img{i}.png"
+        make_rgb_image(40, 32, seed=i).save(path)
+        out.append(path)
+    return out
+
+
+def batches(loader):
+    return [[v.clone() for v in b.crops] for b in loader]
+
+
+def same(a, b) -> bool:
+    return len(a) == len(b) and all(
+        len(x) == len(y) and all(torch.equal(u, v) for u, v in zip(x, y)) for x, y in zip(a, b)
+    )
+
+
+def test_item_uses_a_generator_seeded_from_seed_epoch_index(paths, aug):
+    ds = MultiCropDataset(paths, aug, seed=5)
+    ds.set_epoch(3)
+    expected = aug(open_rgb(paths[2]), torch.Generator().manual_seed(sample_seed(5, 3, 2)))
+    assert all(torch.equal(a, b) for a, b in zip(ds[2], expected))
+    assert len(ds) == 6 and ds.epoch == 3
+
+
+def test_seed_mix_is_stable_and_distinct():
+    seeds = {sample_seed(s, e, i) for s in range(3) for e in range(3) for i in range(50)}
+    assert len(seeds) == 450 and all(0 <= s < 2**63 for s in seeds)
+    assert sample_seed(0, 1, 2) == sample_seed(0, 1, 2)
+    assert sample_seed(-1, 0, 0) == sample_seed(2**64 - 1, 0, 0)  # any integer seed works
+
+
+def test_epochs_and_seeds_change_the_crops(paths, aug):
+    ds = MultiCropDataset(paths, aug, seed=0)
+    first = ds[0]
+    ds.set_epoch(1)
+    assert not torch.equal(first[0], ds[0][0])
+    ds.set_epoch(0)
+    assert torch.equal(first[0], ds[0][0])
+    assert not torch.equal(first[0], MultiCropDataset(paths, aug, seed=1)[0][0])
+
+
+def test_collate_stacks_each_view(paths, aug):
+    ds = MultiCropDataset(paths, aug)
+    batch = collate_multicrop([ds[0], ds[1], ds[2]])
+    assert isinstance(batch, MultiCropBatch) and batch.n_skipped == 0
+    assert [tuple(v.shape) for v in batch.crops] == [(3, 3, 16, 16)] * 2 + [(3, 3, 8, 8)] * 2
+    assert torch.equal(batch.crops[3][1], ds[1][3])
+    crops, n_skipped = collate_multicrop([None, None])
+    assert crops == [] and n_skipped == 2
+
+
+def test_results_do_not_depend_on_the_number_of_workers(paths, aug):
+    ds = MultiCropDataset(paths, aug, seed=3)
+
+    def run(workers: int):
+        loader = DataLoader(
+            ds, batch_size=4, num_workers=workers, collate_fn=collate_multicrop,
+            persistent_workers=workers > 0,
+        )  # fmt: skip
+        out = []
+        for epoch in range(2):
+            ds.set_epoch(epoch)  # reaches the persistent workers through shared memory
+            out.append(batches(loader))
+        return out
+
+    in_process, two_workers = run(0), run(2)
+    assert same(in_process[0], two_workers[0]) and same(in_process[1], two_workers[1])
+    assert not same(in_process[0], in_process[1])
+
+
+def test_bad_images_are_skipped_and_counted(paths, aug, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(paths[0].read_bytes()[:100])
+    ds = MultiCropDataset([paths[0], broken, paths[1], truncated], aug)
+    assert ds[1] is None and ds[3] is None
+    loader = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate_multicrop)
+    (batch,) = list(loader)
+    assert batch.n_skipped == 2 and batch.crops[0].shape[0] == 2
+    assert torch.equal(batch.crops[0][1], ds[2][0])
+
+
+def test_bad_image_fails_with_one_line_naming_the_file(paths, aug, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"garbage")
+    ds = MultiCropDataset([paths[0], broken], aug, on_bad_image="fail")
+    with pytest.raises(BadImageError, match="cannot decode image .*broken.png"):
+        ds[1]
+    loader = DataLoader(ds, batch_size=2, num_workers=1, collate_fn=collate_multicrop)
+    with pytest.raises(BadImageError) as info:
+        list(loader)  # re-raised by the DataLoader from its worker
+    message = str(info.value)
+    assert message.startswith("cannot decode image") and "broken.png" in message and "\n" not in message
+    assert info.value.exit_code == 1  # the CLI prints it as one line: "error: cannot decode image ..."
+
+
+def test_bad_arguments(paths, aug):
+    with pytest.raises(UsageError, match="on_bad_image must be 'skip' or 'fail'"):
+        MultiCropDataset(paths, aug, on_bad_image="ignore")
+    with pytest.raises(UsageError, match="has no images"):
+        MultiCropDataset([], aug)
+    with pytest.raises(UsageError, match="epoch must be >= 0"):
+        MultiCropDataset(paths, aug).set_epoch(-1)
+
+
+def test_works_on_the_demo_data_tree(tmp_path, aug):
+    from dinocli.demo_data import demo_dataset
+
+    root = demo_dataset(tmp_path, train_per_class=1, val_per_class=1)
+    ds = MultiCropDataset(find_images(root / "train"), aug)
+    batch = collate_multicrop([ds[i] for i in range(len(ds))])
+    assert batch.crops[0].shape == (10, 3, 16, 16) and batch.n_skipped == 0
