@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,6 +200,7 @@ class Trainer:
             rich=display_rich if cfg.progress else False,
         )
         self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=group.is_main)
+        self._interrupted = False
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -224,6 +229,7 @@ class Trainer:
             persistent_workers=workers > 0,
             drop_last=True,
             generator=torch.Generator().manual_seed(self.cfg.seed),
+            worker_init_fn=_ignore_sigint,
         )
 
     def resume_if_possible(self) -> bool:
@@ -277,15 +283,16 @@ class Trainer:
         history: list[dict[str, Any]] = []
         last_loss = float("nan")
         loader = self._loader() if self.epoch < last_epoch else None
-        while self.epoch < last_epoch:
-            done_in_epoch = self.iteration - self.epoch * self.iters_per_epoch
-            self.sampler.set_epoch(self.epoch, skip_batches=max(done_in_epoch, 0))
-            self.dataset.set_epoch(self.epoch)
-            record = self.train_one_epoch(loader, max(done_in_epoch, 0))
-            last_loss = record["loss"]
-            history.append(record)
-            self.epoch += 1
-            self.save()
+        with self._sigint_saves_checkpoint():
+            while self.epoch < last_epoch:
+                done_in_epoch = self.iteration - self.epoch * self.iters_per_epoch
+                self.sampler.set_epoch(self.epoch, skip_batches=max(done_in_epoch, 0))
+                self.dataset.set_epoch(self.epoch)
+                record = self.train_one_epoch(loader, max(done_in_epoch, 0))
+                last_loss = record["loss"]
+                history.append(record)
+                self.epoch += 1
+                self.save()
         self.display.close()
         if self.group.is_main and self.skipped_images:
             self.display.log(f"{self.skipped_images} unreadable image(s) were skipped in this run")
@@ -321,6 +328,8 @@ class Trainer:
             loss, extra = self.step(views, temp, momentum)
             total, count = total + loss, count + 1
             self.iteration += 1
+            if self._interrupted:
+                self._save_interrupted()
             tick_images += views[0].shape[0] * self.group.world_size
             if self.iteration % cfg.log_every == 0 or count == 1:
                 now = time.perf_counter()
@@ -410,19 +419,52 @@ class Trainer:
             "dinocli.version": dinocli.__version__,
         }
 
-    def save(self) -> None:
+    def save(self, end_of_epoch: bool = True) -> None:
         """``checkpoint.pth`` now, and ``checkpoint{epoch:04d}.pth`` every ``saveckp_freq`` epochs."""
         if not self.group.is_main:
             return
         state = self.state()
         save_checkpoint(self.out / LATEST, state)
         freq = self.cfg.saveckp_freq
-        if freq and self.epoch % freq == 0:
+        if end_of_epoch and freq and self.epoch % freq == 0:
             save_checkpoint(self.out / f"checkpoint{self.epoch:04d}.pth", state)
+
+    def _save_interrupted(self) -> None:
+        """Ctrl-C: keep the last completed iteration (resume accepts it), then stop."""
+        self.display.close()
+        self.save(end_of_epoch=False)
+        self.display.log(
+            f"interrupted: saved iteration {self.iteration} to {self.out / LATEST}; "
+            "run the same command to continue"
+        )
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def _sigint_saves_checkpoint(self) -> Iterator[None]:
+        """The first Ctrl-C finishes the current iteration and saves; a second one stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handle(signum: int, frame: Any) -> None:
+            if self._interrupted:
+                raise KeyboardInterrupt
+            self._interrupted = True
+
+        previous = signal.signal(signal.SIGINT, handle)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def close(self) -> None:
         self.display.close()
         self.metrics.close()
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """Data-loading workers leave Ctrl-C to the main process, which saves a checkpoint."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _plain(value: Any) -> Any:
