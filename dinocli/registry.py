@@ -83,6 +83,14 @@ class Registry:
                 version=dist.version if dist else "?",
                 builtin=builtin,
             )
+            if ep.name in self.plugins:
+                first = self.plugins[ep.name]
+                print(
+                    f"dinocli: plugin {ep.name!r} from {info.distribution} ignored: a plugin of "
+                    f"that name was already loaded from {first.distribution}",
+                    file=sys.stderr,
+                )
+                continue
             try:
                 module = ep.load()
             except Exception as exc:  # noqa: BLE001 - isolate any plugin failure
@@ -111,8 +119,10 @@ class Registry:
                     impl.function(register=self._register_callback(kind, info))
                 except DinoError as exc:
                     self._fail(info, str(exc))
+                    return  # a disabled plugin's other hooks are not run
                 except Exception as exc:  # noqa: BLE001
                     self._fail(info, f"{hook_name} raised {type(exc).__name__}: {exc}")
+                    return
 
     def _register_callback(self, kind: str, info: PluginInfo) -> Callable[..., None]:
         kind_name = KINDS[kind][1]
@@ -138,6 +148,11 @@ class Registry:
 
     def _fail(self, info: PluginInfo, message: str) -> None:
         self.plugins[info.name] = info
+        # A disabled plugin provides nothing, not even what it registered before failing.
+        for kind, entries in self._entries.items():
+            for name in [n for n, e in entries.items() if e.plugin == info.name]:
+                del entries[name]
+            info.provides[kind].clear()
         info.error = message if info.error is None else info.error
         print(f"dinocli: plugin {info.name!r} disabled: {message}", file=sys.stderr)
 

@@ -12,9 +12,11 @@ from dinocli.errors import UsageError
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     """``auto`` -> this process's CUDA device (``LOCAL_RANK`` under torchrun), else MPS, else CPU."""
-    if name == "auto":
+    if isinstance(name, torch.device):
+        name = str(name)
+    if name is None or name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():

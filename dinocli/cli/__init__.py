@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from dinocli.cli import plugins  # noqa: F401  (each module adds its command to the app)
+from dinocli.cli import plugins, pretrain  # noqa: F401  (each module adds its command)
+from dinocli.cli import attn_maps  # noqa: F401
+from dinocli.cli import extract, knn  # noqa: F401
+from dinocli.cli import demo, export  # noqa: F401
 from dinocli.cli.app import app
 
 

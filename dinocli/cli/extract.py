@@ -1,0 +1,202 @@
+"""``dino extract``: frozen features of an image folder, written to a safetensors file."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from dinocli.cli.app import command
+from dinocli.errors import UsageError
+
+PANEL = "Evaluate"
+
+# Options shared with ``dino knn``'s one-step form.
+Weights = Annotated[
+    Path | None,
+    typer.Option("--weights", "-w", help="Checkpoint or exported backbone (anything load_backbone reads)."),
+]
+CheckpointKey = Annotated[
+    str, typer.Option("--checkpoint-key", help="Which network of a training checkpoint: teacher or student.")
+]
+Arch = Annotated[str | None, typer.Option("--arch", help="Backbone name, where the file does not say it.")]
+PatchSize = Annotated[int | None, typer.Option("--patch-size", help="ViT patch size, where the file does not say it.")]
+RandomInit = Annotated[
+    bool, typer.Option("--random-init", help="Evaluate a randomly initialised --arch (a baseline).")
+]
+Seed = Annotated[int, typer.Option("--seed", help="Seed of --random-init.")]
+RawPixels = Annotated[
+    bool, typer.Option("--raw-pixels", help="No network: the flattened normalised crop (a baseline).")
+]
+Resize = Annotated[int, typer.Option("--resize", help="Resize the shorter side to this many pixels.")]
+CropSize = Annotated[int, typer.Option("--crop-size", help="Center crop of this size.")]
+Interpolation = Annotated[
+    str, typer.Option("--interpolation", help="Resize filter: bicubic, bilinear, nearest or lanczos.")
+]
+NLastBlocks = Annotated[
+    int, typer.Option("--n-last-blocks", help="Concatenate the CLS tokens of the last K blocks (ViT).")
+]
+AvgPool = Annotated[
+    bool, typer.Option("--avgpool-patch-tokens", help="Append the mean patch token of the last block (ViT).")
+]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")]
+NumWorkers = Annotated[
+    int | None, typer.Option("--num-workers", help="Image-decoding processes \\[default: cores - 1, at most 8].")
+]
+Precision = Annotated[
+    str, typer.Option("--precision", help="auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16.")
+]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+
+
+@command(name="extract", rich_help_panel=PANEL)
+def extract_command(
+    data: Annotated[Path, typer.Option("--data", "-d", help="Image folder: <class>/<image> or any tree.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Features file to write (.safetensors).")],
+    weights: Weights = None,
+    checkpoint_key: CheckpointKey = "teacher",
+    arch: Arch = None,
+    patch_size: PatchSize = None,
+    random_init: RandomInit = False,
+    raw_pixels: RawPixels = False,
+    seed: Seed = 0,
+    resize: Resize = 256,
+    crop_size: CropSize = 224,
+    interpolation: Interpolation = "bicubic",
+    n_last_blocks: NLastBlocks = 1,
+    avgpool_patch_tokens: AvgPool = False,
+    dtype: Annotated[str, typer.Option("--dtype", help="Stored dtype: float32 or float16.")] = "float32",
+    batch_size: BatchSize = 64,
+    num_workers: NumWorkers = None,
+    precision: Precision = "auto",
+    device: Device = "auto",
+) -> None:
+    """Extract frozen features of every image in a folder (labels from its class folders)."""
+    import torch
+
+    from dinocli.evaluate.features_io import save_features
+
+    dtypes = {"float32": torch.float32, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise UsageError(f"--dtype must be float32 or float16, got {dtype!r}")
+    if output.exists() and output.is_dir():
+        raise UsageError(f"--output {output} is a folder; give a file name")
+    options = dict(
+        resize=resize,
+        crop_size=crop_size,
+        interpolation=interpolation,
+        n_last_blocks=n_last_blocks,
+        avgpool_patch_tokens=avgpool_patch_tokens,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        precision=precision,
+        device=device,
+    )
+    images = check_before_loading(data, options)
+    model, info = load_model(weights, checkpoint_key, arch, patch_size, random_init, raw_pixels, crop_size, seed)
+    start = time.perf_counter()
+    feats = extract_with_progress(model, data, images=images, **options)
+    seconds = time.perf_counter() - start
+    feats.metadata.update(info)
+    save_features(output, feats, dtypes[dtype])
+    classes = f"{len(feats.classes)} classes" if feats.classes else "unlabelled"
+    typer.echo(
+        f"wrote {len(feats)} x {feats.dim} features ({classes}) to {output} "
+        f"in {seconds:.1f} s ({len(feats) / seconds:.0f} images/s)"
+    )
+
+
+def load_model(
+    weights: Path | None,
+    checkpoint_key: str,
+    arch: str | None,
+    patch_size: int | None,
+    random_init: bool,
+    raw_pixels: bool,
+    crop_size: int,
+    seed: int,
+) -> tuple[Any, dict[str, Any]]:
+    """The backbone named by the CLI options, and its description for the features file."""
+    from dinocli.evaluate.extract import backbone_for_eval
+
+    return backbone_for_eval(
+        weights,
+        checkpoint_key=checkpoint_key,
+        arch=arch,
+        patch_size=patch_size,
+        random_init=random_init,
+        raw_pixels=raw_pixels,
+        img_size=crop_size,
+        seed=seed,
+    )
+
+
+def check_before_loading(data: Path, options: dict[str, Any]) -> tuple[list[Path], list[int], list[str]]:
+    """Check the data folder and options before the (slow) model load; returns ``image_folder(data)``."""
+    from dinocli.data import image_folder
+    from dinocli.evaluate.extract import check_options
+    from dinocli.runtime import resolve_device, resolve_precision
+
+    check_options(
+        options["resize"], options["crop_size"], options["interpolation"], options["batch_size"],
+        options["num_workers"] or 0,
+    )
+    resolve_precision(options["precision"], resolve_device(options["device"]))
+    return image_folder(data)
+
+
+def extract_with_progress(
+    model: Any,
+    data: Path,
+    *,
+    num_workers: int | None,
+    images: tuple[list[Path], list[int], list[str]] | None = None,
+    **options: Any,
+) -> Any:
+    """:func:`dinocli.evaluate.extract_folder` with a progress bar (images/s) on stderr."""
+    from dinocli.data import image_folder
+    from dinocli.evaluate.extract import default_num_workers, extract_features
+
+    paths, labels, classes = images if images is not None else image_folder(data)
+    workers = default_num_workers() if num_workers is None else num_workers
+    workers = min(workers, max(0, (len(paths) - 1) // max(1, options.get("batch_size", 1))))
+    with progress_bar(f"extracting {data}", len(paths)) as advance:
+        return extract_features(
+            model, paths, labels, classes=classes, root=data, num_workers=workers, progress=advance, **options
+        )
+
+
+@contextmanager
+def progress_bar(description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr with an images/s column; yields ``advance(n)``.
+
+    Shown on a terminal only, so that logs and errors stay clean when stderr is redirected.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield lambda n: None
+        return
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(description, total=total, rate="")
+
+        def advance(n: int) -> None:
+            bar.advance(task, n)
+            speed = bar.tasks[task].speed
+            bar.update(task, rate=f"{speed:.0f} images/s" if speed else "")
+
+        yield advance

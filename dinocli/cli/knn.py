@@ -1,0 +1,176 @@
+"""``dino knn``: weighted k-NN accuracy of frozen features (from files, or extracted first)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dinocli.cli.app import command
+from dinocli.cli.extract import (
+    PANEL,
+    Arch,
+    AvgPool,
+    BatchSize,
+    CheckpointKey,
+    CropSize,
+    Device,
+    Interpolation,
+    NLastBlocks,
+    NumWorkers,
+    PatchSize,
+    Precision,
+    RandomInit,
+    RawPixels,
+    Resize,
+    Seed,
+    Weights,
+    check_before_loading,
+    extract_with_progress,
+    load_model,
+)
+from dinocli.errors import UsageError
+
+
+@command(name="knn", rich_help_panel=PANEL)
+def knn_command(
+    train: Annotated[Path | None, typer.Option("--train", help="Train features (from 'dino extract').")] = None,
+    val: Annotated[Path | None, typer.Option("--val", help="Val features (from 'dino extract').")] = None,
+    k: Annotated[
+        list[int] | None, typer.Option("-k", "--k", help="Neighbours; repeat for several \\[default: 10 20 100 200].")
+    ] = None,
+    temperature: Annotated[
+        list[float] | None, typer.Option("--temperature", "-t", help="Vote temperature T; repeatable \\[default: 0.07].")
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
+    per_class: Annotated[bool, typer.Option("--per-class", help="Add per-class top-1 accuracy.")] = False,
+    index: Annotated[str, typer.Option("--index", help="flat (exact), ivf or hnsw (approximate).")] = "flat",
+    nlist: Annotated[int | None, typer.Option("--nlist", help="ivf: clusters \\[default: sqrt(N)].")] = None,
+    nprobe: Annotated[int, typer.Option("--nprobe", help="ivf: clusters searched per query.")] = 32,
+    hnsw_m: Annotated[int, typer.Option("--hnsw-m", help="hnsw: neighbours per graph node.")] = 32,
+    ef_search: Annotated[int, typer.Option("--ef-search", help="hnsw: search breadth (at least k).")] = 128,
+    ef_construction: Annotated[int, typer.Option("--ef-construction", help="hnsw: build breadth.")] = 200,
+    recall_sample: Annotated[
+        int, typer.Option("--recall-sample", help="Val features on which an approximate index's recall is measured.")
+    ] = 1000,
+    query_batch_size: Annotated[
+        int, typer.Option("--query-batch-size", help="Val features searched at once (bounds memory).")
+    ] = 4096,
+    device: Device = "auto",
+    weights: Weights = None,
+    train_data: Annotated[
+        Path | None, typer.Option("--train-data", help="One-step form: train image folder to extract first.")
+    ] = None,
+    val_data: Annotated[
+        Path | None, typer.Option("--val-data", help="One-step form: val image folder to extract first.")
+    ] = None,
+    checkpoint_key: CheckpointKey = "teacher",
+    arch: Arch = None,
+    patch_size: PatchSize = None,
+    random_init: RandomInit = False,
+    raw_pixels: RawPixels = False,
+    seed: Seed = 0,
+    resize: Resize = 256,
+    crop_size: CropSize = 224,
+    interpolation: Interpolation = "bicubic",
+    n_last_blocks: NLastBlocks = 1,
+    avgpool_patch_tokens: AvgPool = False,
+    batch_size: BatchSize = 64,
+    num_workers: NumWorkers = None,
+    precision: Precision = "auto",
+) -> None:
+    """Classify val images by a weighted vote of their nearest train images (the DINO k-NN)."""
+    from dinocli.evaluate.features_io import load_features
+    from dinocli.evaluate.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, IndexSpec, knn_features
+
+    from_files = train is not None or val is not None
+    from_images = train_data is not None or val_data is not None
+    if from_files and from_images:
+        raise UsageError("give either --train/--val (features files) or --train-data/--val-data (image folders)")
+    if from_files:
+        if train is None or val is None:
+            raise UsageError("give both --train and --val features files")
+        train_feats, val_feats = load_features(train), load_features(val)
+    elif from_images:
+        if train_data is None or val_data is None:
+            raise UsageError("give both --train-data and --val-data image folders")
+        options = dict(
+            resize=resize,
+            crop_size=crop_size,
+            interpolation=interpolation,
+            n_last_blocks=n_last_blocks,
+            avgpool_patch_tokens=avgpool_patch_tokens,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            precision=precision,
+            device=device,
+        )
+        train_images = check_before_loading(train_data, options)
+        val_images = check_before_loading(val_data, options)
+        model, _ = load_model(
+            weights, checkpoint_key, arch, patch_size, random_init, raw_pixels, crop_size, seed
+        )
+        train_feats = extract_with_progress(model, train_data, images=train_images, **options)
+        val_feats = extract_with_progress(model, val_data, images=val_images, **options)
+    else:
+        raise UsageError(
+            "give --train and --val features files, or --weights with --train-data and --val-data"
+        )
+
+    ks = list(k) if k else [x for x in DEFAULT_KS if x <= len(train_feats)] or [len(train_feats)]
+    dropped = [] if k else [x for x in DEFAULT_KS if x > len(train_feats)]
+    spec = IndexSpec(index, nlist, nprobe, hnsw_m, ef_search, ef_construction)
+    report = knn_features(
+        train_feats,
+        val_feats,
+        ks,
+        temperature=list(temperature) if temperature else [DEFAULT_TEMPERATURE],
+        index=spec,
+        device=device,
+        batch_size=query_batch_size,
+        per_class=per_class,
+        recall_sample=recall_sample,
+    )
+    if dropped:
+        print(f"note: skipped k={dropped}: the train set has {len(train_feats)} features", file=sys.stderr)
+    if json_out is not None:
+        from dinocli.io import atomic_write_text
+
+        atomic_write_text(json_out, json.dumps(report.as_dict(), indent=2) + "\n")
+    _print_report(report, per_class)
+
+
+def _print_report(report, per_class: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"k-NN: {report.num_train} train, {report.num_val} val, {report.num_classes} classes "
+        f"({report.index}, {report.backend})"
+    )
+    for col in ("k", "T", "top-1 %", "top-5 %"):
+        table.add_column(col, justify="right")
+    for r in report.results:
+        top5 = "-" if r.top5 is None else f"{r.top5:.2f}"
+        table.add_row(str(r.k), f"{r.temperature:g}", f"{r.top1:.2f}", top5)
+    console = Console(soft_wrap=True)
+    console.print(table)
+    if report.recall is not None:
+        rec = report.recall
+        figures = ", ".join(f"@{k} {value:.4f}" for k, value in rec["at_k"].items())
+        console.print(
+            f"recall of the {report.index} index against exact search on {rec['sample']} val "
+            f"features: {figures}"
+        )
+    if per_class:
+        classes = Table(title="per-class top-1 %")
+        classes.add_column("class")
+        for r in report.results:
+            classes.add_column(f"k={r.k} T={r.temperature:g}", justify="right")
+        names = list(report.results[0].per_class or {})
+        for name in names:
+            classes.add_row(name, *(f"{(r.per_class or {})[name]:.2f}" for r in report.results))
+        console.print(classes)

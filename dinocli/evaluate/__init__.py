@@ -1,0 +1,53 @@
+"""Evaluating frozen features: extraction (``dino extract``) and weighted k-NN (``dino knn``).
+
+Reusable from Python, e.g. for k-NN monitoring during training::
+
+    from dinocli.evaluate import extract_folder, knn_features
+    train = extract_folder(model, "data/train", resize=32, crop_size=32)
+    val = extract_folder(model, "data/val", resize=32, crop_size=32)
+    print(knn_features(train, val, k=20).top1)
+"""
+
+from dinocli.evaluate.extract import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    backbone_for_eval,
+    embed,
+    eval_transform,
+    extract_features,
+    extract_folder,
+)
+from dinocli.evaluate.features_io import Features, load_features, save_features
+from dinocli.evaluate.knn import (
+    DEFAULT_KS,
+    DEFAULT_TEMPERATURE,
+    IndexSpec,
+    KnnReport,
+    KnnResult,
+    knn_classify,
+    knn_features,
+    ranked_classes,
+    weighted_vote,
+)
+
+__all__ = [
+    "DEFAULT_KS",
+    "DEFAULT_TEMPERATURE",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Features",
+    "IndexSpec",
+    "KnnReport",
+    "KnnResult",
+    "embed",
+    "eval_transform",
+    "extract_features",
+    "extract_folder",
+    "backbone_for_eval",
+    "knn_classify",
+    "knn_features",
+    "load_features",
+    "ranked_classes",
+    "save_features",
+    "weighted_vote",
+]

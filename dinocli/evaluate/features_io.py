@@ -1,0 +1,137 @@
+"""Frozen features of an image set, and their safetensors file.
+
+The file holds two tensors, ``features`` ``[N, D]`` (float32 or float16) and ``labels`` ``[N]``
+(int64, -1 for images outside class folders), and string metadata: ``classes`` (a JSON list),
+``paths`` (a JSON list of image paths relative to the data folder, or ``paths_file`` naming a
+sidecar text file for large sets) and ``dinocli.features`` (a JSON object: backbone, weights file
+and sha256, preprocessing, precision), plus ``dinocli.version``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from dinocli.errors import UsageError
+from dinocli.io import atomic_path, atomic_write_text
+
+#: metadata key of the JSON object describing how the features were made.
+FEATURES_META_KEY = "dinocli.features"
+#: above this many images the relative paths go to a sidecar file, not the safetensors header.
+MAX_PATHS_IN_HEADER = 100_000
+_STORABLE_DTYPES = {torch.float32: "float32", torch.float16: "float16"}
+
+
+@dataclass
+class Features:
+    """Features ``[N, D]`` of ``N`` images with their labels (-1 when unlabelled)."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.features.ndim != 2:
+            raise UsageError(f"features must be [N, D], got shape {list(self.features.shape)}")
+        self.labels = torch.as_tensor(self.labels, dtype=torch.int64).reshape(-1)
+        if self.labels.shape[0] != self.features.shape[0]:
+            raise UsageError(
+                f"{self.features.shape[0]} features but {self.labels.shape[0]} labels"
+            )
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def dim(self) -> int:
+        """The feature dimension ``D``."""
+        return int(self.features.shape[1])
+
+    @property
+    def labelled(self) -> bool:
+        """Whether every image has a class label (none is -1)."""
+        return len(self) > 0 and bool((self.labels >= 0).all())
+
+
+def save_features(path: str | Path, feats: Features, dtype: torch.dtype = torch.float32) -> None:
+    """Write ``feats`` to ``path`` (safetensors) atomically, the tensors stored as ``dtype``."""
+    if dtype not in _STORABLE_DTYPES:
+        raise UsageError(f"features can be stored as float32 or float16, not {dtype}")
+    path = Path(path)
+    meta = {
+        "classes": json.dumps(list(feats.classes)),
+        FEATURES_META_KEY: json.dumps(feats.metadata, sort_keys=True),
+        "dinocli.version": _version(),
+    }
+    if len(feats.paths) > MAX_PATHS_IN_HEADER:
+        sidecar = path.with_name(path.name + ".paths.txt")
+        atomic_write_text(sidecar, "".join(p + "\n" for p in feats.paths))
+        meta["paths_file"] = sidecar.name
+    else:
+        meta["paths"] = json.dumps(list(feats.paths))
+    tensors = {
+        "features": feats.features.detach().to("cpu", dtype).contiguous(),
+        "labels": feats.labels.detach().to("cpu", torch.int64).contiguous(),
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def load_features(path: str | Path) -> Features:
+    """Read a features file written by :func:`save_features` (``dino extract``)."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"features file not found: {path}")
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder, not a features file")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            meta = f.metadata() or {}
+            if not {"features", "labels"} <= keys:
+                raise UsageError(
+                    f"{path} is not a dinocli features file: it lacks the "
+                    f"{' and '.join(sorted({'features', 'labels'} - keys))} tensor "
+                    "(write one with 'dino extract')"
+                )
+            features, labels = f.get_tensor("features"), f.get_tensor("labels")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UsageError(f"{path} is not a valid safetensors features file: {exc}") from None
+    if features.ndim != 2 or labels.ndim != 1 or labels.shape[0] != features.shape[0]:
+        raise UsageError(
+            f"{path}: features {list(features.shape)} and labels {list(labels.shape)} do not "
+            "form an [N, D] / [N] pair"
+        )
+    classes = _json(meta.get("classes", "[]"), path, "classes")
+    if "paths_file" in meta:
+        sidecar = path.with_name(meta["paths_file"])
+        if not sidecar.is_file():
+            raise UsageError(f"{path}: its image-path sidecar {sidecar} is missing")
+        paths = sidecar.read_text(encoding="utf-8").splitlines()
+    else:
+        paths = _json(meta.get("paths", "[]"), path, "paths")
+    info = _json(meta.get(FEATURES_META_KEY, "{}"), path, FEATURES_META_KEY)
+    if "dinocli.version" in meta:
+        info.setdefault("dinocli_version", meta["dinocli.version"])
+    return Features(features, labels.to(torch.int64), list(classes), list(paths), info)
+
+
+def _json(text: str, path: Path, key: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise UsageError(f"{path}: metadata {key!r} is not valid JSON") from None
+
+
+def _version() -> str:
+    from dinocli import __version__
+
+    return __version__

@@ -1,0 +1,87 @@
+"""Shared, generic test fixtures: a fresh plugin registry, CLI runners and small generated images."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from dinocli.registry import reset_registry
+
+
+@pytest.fixture
+def fresh_registry() -> Iterator[None]:
+    """Forget the process-wide registry before and after the test (entry points are reloaded)."""
+    reset_registry()
+    yield
+    reset_registry()
+
+
+@pytest.fixture
+def cli() -> CliRunner:
+    """A Typer ``CliRunner``; invoke with ``cli.invoke(app, [...])`` (``from dinocli.cli import app``)."""
+    return CliRunner()
+
+
+def _dino_command() -> list[str]:
+    script = Path(sys.executable).with_name("dino")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("dino")
+    return [found] if found else [sys.executable, "-m", "dinocli"]
+
+
+@pytest.fixture
+def run_dino() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run the installed ``dino`` console script in a subprocess: ``run_dino("plugins", env={...})``."""
+
+    def run(*args: str, env: dict[str, str] | None = None, timeout: float = 120):
+        full_env = {**os.environ, **(env or {})}
+        full_env.pop("DINOCLI_DEBUG", None)
+        return subprocess.run(
+            [*_dino_command(), *args],
+            capture_output=True,
+            text=True,
+            env=full_env,
+            timeout=timeout,
+        )
+
+    return run
+
+
+def make_rgb_image(width: int = 48, height: int = 40, seed: int = 0) -> Image.Image:
+    """A small RGB image of smooth gradients plus seeded noise (not blank, not uniform)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([xx * 255 / max(width - 1, 1), yy * 255 / max(height - 1, 1), (xx + yy) % 256], -1)
+    noisy = base + rng.normal(0, 20, size=base.shape)
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture
+def rgb_image() -> Image.Image:
+    """One 48x40 RGB image (see :func:`make_rgb_image`)."""
+    return make_rgb_image()
+
+
+@pytest.fixture
+def image_folder_tree(tmp_path: Path) -> Path:
+    """An ImageFolder tree ``root/{train,val}/{class_a,class_b}/*.png``, 3 + 2 images per class."""
+    root = tmp_path / "images"
+    seed = 0
+    for split, count in (("train", 3), ("val", 2)):
+        for cls in ("class_a", "class_b"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(count):
+                make_rgb_image(48, 40, seed).save(folder / f"img_{i}.png")
+                seed += 1
+    return root
