@@ -53,6 +53,18 @@ def open_rgb(path: str | Path) -> Image.Image:
         return to_rgb(img)
 
 
+def load_rgb(img: Image.Image, reduce: int = 1) -> Image.Image:
+    """Decode an image opened with ``Image.open`` (not yet loaded) as RGB.
+
+    ``reduce > 1`` decodes a JPEG at about ``1/reduce`` of its size (PIL's ``draft``: DCT scaling,
+    much faster, never smaller than ``size / reduce``); other formats decode at full size.
+    """
+    if reduce > 1 and img.format == "JPEG":
+        img.draft(img.mode, (-(-img.width // reduce), -(-img.height // reduce)))
+    img.load()
+    return to_rgb(img)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """``img`` in RGB; 16-bit and float images are rescaled to 8 bits, alpha is dropped."""
     if img.mode == "RGB":

@@ -1,14 +1,33 @@
-"""Thin helpers over :mod:`torch.distributed` that are no-ops in a single process."""
+"""Thin helpers over :mod:`torch.distributed` that are no-ops in a single process.
+
+A run joins the process group that ``torchrun`` describes (NCCL on CUDA, gloo on the CPU) with
+:func:`init_distributed` and leaves it with :func:`destroy_distributed`. Every collective here is
+called by all processes at the same point of the program, or by none.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import logging
+import math
 import os
+import signal
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from dinocli.errors import DinoError, UsageError
 from dinocli.runtime import resolve_device
+
+#: Environment variable: seconds a collective may wait for the other processes (default 600).
+TIMEOUT_ENV = "DINOCLI_DIST_TIMEOUT"
+
+_owned_group = False  # True when init_distributed created the default process group
 
 
 def is_distributed() -> bool:
@@ -35,6 +54,60 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of ``tensor`` over all processes, in place; returns it."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def barrier() -> None:
+    """Wait until every process gets here (nothing to wait for in a single process)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def same_on_all_processes(value: int, device: torch.device | None = None) -> bool:
+    """True when every process passes the same integer ``value``."""
+    if not is_distributed():
+        return True
+    t = torch.tensor([value, -value], dtype=torch.int64, device=device)
+    all_reduce_max(t)
+    return int(t[0]) == -int(t[1])
+
+
+@dataclass(frozen=True)
+class StepAgreement:
+    """What all processes agree on after one training step's forward pass."""
+
+    loss: float  # the mean loss over every sample of the global batch
+    finite: bool  # the loss was finite on every process
+    stop: bool  # at least one process was asked to stop (Ctrl-C)
+
+
+def agree_on_step(loss: torch.Tensor, n_samples: int, stop: bool = False) -> StepAgreement:
+    """One all-reduce per step: the global mean loss, whether it is finite everywhere, and a stop.
+
+    Called by every process before the backward pass, so that a non-finite loss or an interruption
+    on one process stops all of them at the same iteration instead of leaving the others waiting
+    in the gradient all-reduce. In a single process it costs what ``loss.item()`` costs.
+    """
+    if not is_distributed():
+        value = float(loss.detach().float())
+        return StepAgreement(loss=value, finite=math.isfinite(value), stop=stop)
+    loss = loss.detach().double().reshape(())
+    finite = torch.isfinite(loss)
+    stats = torch.stack([
+        torch.where(finite, loss * n_samples, torch.zeros_like(loss)),
+        torch.tensor(float(n_samples), dtype=torch.float64, device=loss.device),
+        (~finite).double(),
+        torch.tensor(float(stop), dtype=torch.float64, device=loss.device),
+    ])
+    total, count, bad, stops = all_reduce_sum(stats).tolist()
+    mean = total / max(count, 1.0) if bad == 0 else float("nan")
+    return StepAgreement(loss=mean, finite=bad == 0, stop=stops > 0)
+
+
 @dataclass(frozen=True)
 class ProcessGroup:
     """This process's place in a (possibly single-process) run."""
@@ -48,20 +121,158 @@ class ProcessGroup:
         return self.rank == 0
 
 
+def _env_int(name: str) -> int:
+    try:
+        return int(os.environ[name])
+    except ValueError:
+        value = os.environ[name]
+        raise UsageError(f"environment variable {name}={value!r} is not an integer") from None
+
+
 def init_distributed(device_name: str = "auto") -> tuple[ProcessGroup, torch.device]:
     """Join the process group torchrun describes (``RANK``/``WORLD_SIZE``), if any.
 
-    NCCL on CUDA, gloo on the CPU. Without torchrun's variables this is a single process.
+    NCCL on CUDA, gloo on the CPU. Without torchrun's variables this is a single process. Each
+    process uses the CUDA device ``LOCAL_RANK`` (with ``--device auto`` or ``cuda``).
     """
+    global _owned_group
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return ProcessGroup(), resolve_device(device_name)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
+    local_rank = _env_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else 0
     device = resolve_device(device_name)
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank if device_name in ("auto", "cuda") else device.index)
+        if device_name in ("auto", "cuda"):
+            if local_rank >= torch.cuda.device_count():
+                raise UsageError(
+                    f"process {rank} has LOCAL_RANK {local_rank} but this machine has only "
+                    f"{torch.cuda.device_count()} CUDA device(s); lower --nproc-per-node"
+                )
+            device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
+        timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 600)))
+        dist.init_process_group(
+            backend=backend, timeout=timeout, device_id=device if backend == "nccl" else None
+        )
+        _owned_group = True
     return ProcessGroup(rank, world, local_rank), device
+
+
+def destroy_distributed() -> None:
+    """Leave the process group :func:`init_distributed` created (a no-op otherwise)."""
+    global _owned_group
+    if _owned_group and dist.is_initialized():
+        dist.destroy_process_group()
+    _owned_group = False
+
+
+def launch_local_processes(nproc_per_node: int, module_args: list[str]) -> None:
+    """Run ``python -m dinocli MODULE_ARGS`` in ``nproc_per_node`` processes under torchrun.
+
+    A single machine (torchrun's ``--standalone`` rendezvous); for several machines run torchrun
+    yourself (see docs/distributed.md). Ctrl-C reaches every process (each saves, then stops).
+    Failing processes raise a one-line :class:`DinoError` with their exit code.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    if "RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
+        raise UsageError("--nproc-per-node cannot be used under torchrun, which started the processes")
+    if nproc_per_node < 1:
+        raise UsageError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
+    # torchrun would set 1 thread per process; share the CPU cores out instead.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
+    args = parse_args(
+        ["--standalone", f"--nproc-per-node={nproc_per_node}", "-m", "dinocli", *module_args]
+    )
+    elastic_log = logging.getLogger("torch.distributed.elastic")
+    level = elastic_log.level
+    elastic_log.setLevel(logging.CRITICAL)  # the processes' own errors and the summary below say it
+    try:
+        run(args)
+    except SignalException as exc:
+        raise KeyboardInterrupt from exc
+    except ChildFailedError as exc:
+        first_rank, first = exc.get_first_failure()
+        if first.exitcode in (130, -signal.SIGINT):
+            raise KeyboardInterrupt from None
+        error = UsageError if first.exitcode == UsageError.exit_code else DinoError
+        raise error(
+            f"distributed training stopped: process {first_rank} failed first (exit code "
+            f"{first.exitcode}; its error is printed above)"
+        ) from None
+    finally:
+        elastic_log.setLevel(level)
+
+
+# -- randomness that does not depend on the number of processes ---------------------------------
+
+
+@dataclass(frozen=True)
+class _GlobalBatchNoise:
+    generator: torch.Generator
+    local_batch: int
+    rank: int
+    world_size: int
+
+
+_noise: contextvars.ContextVar[_GlobalBatchNoise | None] = contextvars.ContextVar(
+    "dinocli_global_batch_noise", default=None
+)
+
+
+def step_seed(seed: int, iteration: int) -> int:
+    """A 63-bit seed for the per-sample noise of training iteration ``iteration``."""
+    entropy = [int(seed) % 2**64, int(iteration), 0x5EED]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]) >> 1
+
+
+@contextlib.contextmanager
+def global_batch_noise(
+    seed: int, local_batch: int, device: torch.device, group: ProcessGroup | None = None
+) -> Iterator[None]:
+    """Per-sample random masks (:func:`keep_mask`) drawn as one process with the global batch would.
+
+    Inside this block every process draws the noise of the WHOLE global batch from a generator
+    seeded alike everywhere, and keeps its own rows. Batches are laid out as
+    ``[views x local_batch]`` rows, and process ``r`` holds samples ``r * local_batch`` onwards of
+    each view (as :class:`dinocli.train.sampler.EpochSampler` shards them); so N processes with
+    batch B/N get exactly the masks one process with batch B gets.
+    """
+    group = group or ProcessGroup(rank(), world_size())
+    try:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    except RuntimeError:  # a device without its own generators: the global generator is used
+        yield
+        return
+    token = _noise.set(_GlobalBatchNoise(generator, local_batch, group.rank, group.world_size))
+    try:
+        yield
+    finally:
+        _noise.reset(token)
+
+
+def keep_mask(rows: int, keep_prob: float, like: torch.Tensor) -> torch.Tensor:
+    """A ``[rows]`` Bernoulli(``keep_prob``) mask of 0s and 1s in ``like``'s dtype and device.
+
+    Inside :func:`global_batch_noise` (and outside ``torch.compile``d code) it is this process's
+    share of the global batch's mask; elsewhere it comes from the global random generator.
+    """
+    noise = _noise.get()
+    compiling = torch.compiler.is_compiling()
+    if (
+        noise is None
+        or compiling
+        or rows % noise.local_batch
+        or noise.generator.device.type != like.device.type
+    ):
+        mask = torch.empty(rows, device=like.device).bernoulli_(keep_prob)
+        return mask.to(like.dtype)
+    views = rows // noise.local_batch
+    full = torch.empty(views * noise.world_size * noise.local_batch, device=like.device)
+    full.bernoulli_(keep_prob, generator=noise.generator)
+    mine = full.view(views, noise.world_size, noise.local_batch)[:, noise.rank]
+    return mine.reshape(rows).to(like.dtype)

@@ -167,7 +167,12 @@ class Registry:
         try:
             return self._entries[kind][name]
         except KeyError:
-            raise unknown_name(KINDS[kind][1], name, self._entries[kind]) from None
+            error = unknown_name(KINDS[kind][1], name, self._entries[kind])
+            failed = sorted(n for n, info in self.plugins.items() if info.error)
+            if failed:  # the name may belong to a plugin that could not load
+                listing = ", ".join(repr(n) for n in failed)
+                error = UsageError(f"{error} Disabled by errors: plugin {listing} (see 'dino plugins').")
+            raise error from None
 
     def create(self, kind: str, name: str, **kwargs: Any) -> Any:
         """Build ``name`` with its factory; a failure inside the factory names the plugin."""
@@ -241,8 +246,24 @@ def list_collapse_strategies() -> list[str]:
 
 
 def create_backbone(name: str, **kwargs: Any) -> Any:
-    """Build backbone ``name`` (e.g. ``vit_small``) with random weights."""
-    return get_registry().create("backbones", name, **kwargs)
+    """Build backbone ``name`` (e.g. ``vit_small``) with random weights.
+
+    What the factory returns must be an ``nn.Module`` with an integer ``embed_dim``; otherwise
+    the error names the plugin that registered ``name``.
+    """
+    from torch import nn
+
+    registry = get_registry()
+    model = registry.create("backbones", name, **kwargs)
+    embed_dim = getattr(model, "embed_dim", None)
+    if not isinstance(model, nn.Module) or isinstance(embed_dim, bool) or not isinstance(embed_dim, int):
+        plugin = registry.get("backbones", name).plugin
+        what = type(model).__name__ if not isinstance(model, nn.Module) else f"embed_dim={embed_dim!r}"
+        raise DinoError(
+            f"backbone {name!r} from plugin {plugin!r} is broken: its factory must return an "
+            f"nn.Module with an integer embed_dim, got {what}"
+        )
+    return model
 
 
 def create_augmentation(name: str, **kwargs: Any) -> Any:

@@ -67,6 +67,10 @@ def torch_load(path: str | Path) -> Any:
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"{path} is not a readable PyTorch checkpoint: {reason}") from None
+    except Exception as exc:  # noqa: BLE001 - malformed pickles raise anything (IndexError, struct.error)
+        raise UsageError(
+            f"{path} is not a readable PyTorch checkpoint: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 def read_backbone_weights(path: str | Path, checkpoint_key: str = "teacher") -> BackboneWeights:

@@ -165,10 +165,13 @@ def test_default_resize_stays_close_to_the_reference():
 
 
 def test_forced_operations_apply(rgb_image):
-    """Each operation, forced on alone, changes the view exactly as its PIL counterpart does."""
-    aug = small_aug(n_local=0)
+    """Each operation, forced on alone, changes the view exactly as its PIL counterpart does
+    (``pil_resize=True``: the exact path; the fast path is compared in test_augmentation_fast.py)."""
+    aug = dinocli.create_augmentation(
+        "dino", global_crop_size=32, local_crop_size=16, local_crops_number=0, pil_resize=True
+    )
     plain = ViewParams(0, 0, 40, 48, False, None, False, None, False)
-    base = ops.resized_crop(ops.image_to_uint8(rgb_image), 0, 0, 40, 48, 32)  # the same resize as aug
+    base = ops.resized_crop(ops.image_to_uint8(rgb_image), 0, 0, 40, 48, 32, pil=True)  # aug's resize
 
     def view(**changes):
         return aug.apply(rgb_image, [ViewParams(**{**plain.__dict__, **changes})] * 2)[0]

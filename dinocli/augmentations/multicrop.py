@@ -6,13 +6,19 @@ Two global crops and ``local_crops_number`` local crops, exactly the reference i
 -> Gaussian blur (sigma 0.1-2.0; p 1.0 on global view 1, 0.1 on global view 2, 0.5 on local
 views) -> solarisation (p 0.2, global view 2 only) -> ToTensor -> Normalize.
 
-Crops are resized with torch's uint8 antialiased bicubic kernel (PIL's filter, with weights
-rounded slightly differently); ``pil_resize=True`` resizes with PIL, and then every view is
-byte-for-byte the reference's for the same random parameters.
+Two paths, with the same random parameters (the same :meth:`DinoMultiCrop.sample`):
+
+- the fast path (default): crops are cut, resized (torch's uint8 antialiased bicubic kernel) and
+  flipped as uint8 tensors, then the colour operations run batched over the views of each size
+  in float arithmetic (:mod:`dinocli.augmentations.gpu`, the same code as ``--augment-on gpu``).
+  Views differ from PIL's by rounding: well under one grey level on average.
+- ``pil_resize=True``: PIL's resize and PIL's colour operations; every view is byte-for-byte what
+  torchvision's PIL transforms produce for the same random parameters (slower).
 
 Every random number comes from the :class:`torch.Generator` passed to the call: one block of
 uniforms per image (:data:`UNIFORMS_PER_VIEW` per view), so the same generator state gives the
-same crops in any process.
+same crops in any process. :meth:`DinoMultiCrop.plan` samples them from the image size alone, so a
+data set can decode a JPEG at reduced size when every crop allows it (:meth:`draft_factor`).
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import dinocli
-from dinocli.augmentations import ops
+from dinocli.augmentations import gpu, ops
+from dinocli.augmentations.gpu import ColourParams
 from dinocli.augmentations.params import UNIFORMS_PER_VIEW, ViewParams, ViewSpec, sample_view
 from dinocli.data import to_rgb
 from dinocli.errors import UsageError
@@ -71,12 +79,72 @@ class DinoMultiCrop:
 
     def apply(self, image: Image.Image, params: Sequence[ViewParams]) -> list[torch.Tensor]:
         """The views of ``image`` for given parameters (from :meth:`sample`)."""
-        src = ops.image_to_uint8(to_rgb(image))
-        return [self._view(src, spec, p) for spec, p in zip(self.specs, params)]
+        if self.pil_resize:
+            src = ops.image_to_uint8(to_rgb(image))
+            return [self._view(src, spec, p) for spec, p in zip(self.specs, params)]
+        return self.colour(self.crops(image, params), params)
 
     def __call__(self, image: Image.Image, generator: torch.Generator) -> list[torch.Tensor]:
         image = to_rgb(image)
         return self.apply(image, self.sample(image.height, image.width, generator))
+
+    # -- the fast path, in two stages (the second one may run on the accelerator) -------------
+
+    def crops(
+        self, image: Image.Image, params: Sequence[ViewParams], scale: float = 1.0
+    ) -> list[torch.Tensor]:
+        """Cut, resize and flip every view: uint8 tensors ``[3, size, size]``, no colour change.
+
+        ``scale``: the size of ``image`` relative to the one ``params`` were sampled for (an image
+        decoded at reduced size, see :meth:`draft_factor`); boxes are rounded to its pixels.
+        """
+        src = ops.image_to_uint8(to_rgb(image))
+        height, width = src.shape[-2:]
+        out = []
+        for spec, p in zip(self.specs, params):
+            top, left, h, w = p.top, p.left, p.height, p.width
+            if scale != 1.0:
+                top, left = min(round(top * scale), height - 1), min(round(left * scale), width - 1)
+                h = max(1, min(round(p.height * scale), height - top))
+                w = max(1, min(round(p.width * scale), width - left))
+            crop = src[:, :, top : top + h, left : left + w]
+            if (h, w) != (spec.size, spec.size):
+                size = (spec.size, spec.size)
+                crop = F.interpolate(crop, size=size, mode="bicubic", antialias=True, align_corners=False)
+            if p.flip:
+                crop = crop.flip(-1)
+            out.append(crop[0])
+        return out
+
+    def colour(self, crops: Sequence[torch.Tensor], params: Sequence[ViewParams]) -> list[torch.Tensor]:
+        """Colour operations and normalisation of :meth:`crops`, batched over views of one size."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, crop in enumerate(crops):
+            groups.setdefault(tuple(crop.shape), []).append(i)
+        views: list[torch.Tensor] = [torch.empty(0)] * len(crops)
+        for members in groups.values():
+            x = torch.stack([crops[i] for i in members]).to(torch.float32, memory_format=torch.contiguous_format)
+            x = gpu.colour_views(x, ColourParams.from_views([params[i] for i in members]))
+            for i, view in zip(members, gpu.normalize(x, self.mean, self.std)):
+                views[i] = view
+        return views
+
+    # -- decoding at reduced size ------------------------------------------------------------
+
+    def plan(self, size: tuple[int, int], generator: torch.Generator) -> list[ViewParams]:
+        """:meth:`sample` for an image of ``size = (width, height)``, before it is decoded."""
+        return self.sample(size[1], size[0], generator)
+
+    def draft_factor(self, params: Sequence[ViewParams], max_factor: int = 8) -> int:
+        """The largest reduction (1, 2, 4 or 8) at which every crop box still has at least as many
+        pixels per side as its view: decoding a JPEG that much smaller loses no detail a view keeps.
+        """
+        factor = 1
+        while factor < max_factor and all(
+            min(p.height, p.width) >= 2 * factor * spec.size for spec, p in zip(self.specs, params)
+        ):
+            factor *= 2
+        return factor
 
     def _view(self, src: torch.Tensor, spec: ViewSpec, p: ViewParams) -> torch.Tensor:
         view = ops.resized_crop(src, p.top, p.left, p.height, p.width, spec.size, pil=self.pil_resize)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dinocli
+from dinocli.distributed import keep_mask
 
 #: name -> (embed_dim, depth, num_heads), as in the reference implementation.
 VIT_ARCHS: dict[str, tuple[int, int, int]] = {
@@ -28,11 +29,15 @@ VIT_ARCHS: dict[str, tuple[int, int, int]] = {
 
 
 def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: drop whole residual branches per sample, rescaling the kept ones."""
+    """Stochastic depth: drop whole residual branches per sample, rescaling the kept ones.
+
+    The mask comes from :func:`dinocli.distributed.keep_mask`: during training it is drawn per
+    sample of the global batch, so it does not depend on the number of processes.
+    """
     if drop_prob == 0.0 or not training:
         return x
     keep = 1.0 - drop_prob
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    mask = keep_mask(x.shape[0], keep, x).view((x.shape[0],) + (1,) * (x.ndim - 1))
     return x * mask / keep
 
 
@@ -173,7 +178,13 @@ class VisionTransformer(nn.Module):
         B, _, h, w = x.shape
         x = self.patch_embed(x)
         x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
-        return x + self.interpolate_pos_encoding(x.shape[1] - 1, h, w)
+        x = x + self.interpolate_pos_encoding(x.shape[1] - 1, h, w)
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            # Keep the residual stream in the autocast dtype: without this every linear layer
+            # casts its input from fp32 again, and the casts cost more than bf16 saves on CPUs.
+            x = x.to(torch.get_autocast_dtype(device))
+        return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """All tokens after the final norm, ``[B, 1 + N, embed_dim]``."""

@@ -8,6 +8,8 @@ from dinocli.cli import plugins, pretrain  # noqa: F401  (each module adds its c
 from dinocli.cli import attn_maps  # noqa: F401
 from dinocli.cli import extract, knn  # noqa: F401
 from dinocli.cli import demo, export  # noqa: F401
+from dinocli.cli import report  # noqa: F401
+from dinocli.cli import bench  # noqa: F401
 from dinocli.cli.app import app
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import os
+import tempfile
 from dataclasses import MISSING
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -46,13 +48,31 @@ def pretrain_command(**options: Any) -> None:
     from dinocli.train import pretrain, resolve_config
 
     config_file = options.pop("config")
+    nproc_per_node = options.pop("nproc_per_node")
     overrides = {k: v for k, v in options.items() if v is not None}
     cfg = resolve_config(config_file, overrides)
+    if nproc_per_node is not None and nproc_per_node != 1:
+        _launch(cfg, nproc_per_node)
+        return
     result = pretrain(cfg)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, the first process reports
     typer.echo(
         f"trained {result.epochs} epoch(s), {result.iterations} iterations; "
         f"last epoch loss {result.last_loss:.4f}\ncheckpoint: {result.checkpoint}"
     )
+
+
+def _launch(cfg: Any, nproc_per_node: int) -> None:
+    """Run this training in ``nproc_per_node`` processes under torchrun, with the resolved options."""
+    from dinocli.distributed import launch_local_processes
+    from dinocli.io import atomic_write_text
+    from dinocli.train.config import to_toml
+
+    with tempfile.TemporaryDirectory(prefix="dinocli-launch-") as tmp:
+        config = os.path.join(tmp, "config.toml")
+        atomic_write_text(config, to_toml(cfg))
+        launch_local_processes(nproc_per_node, ["pretrain", "--config", config])
 
 
 _params = [
@@ -65,6 +85,22 @@ _params = [
             typer.Option(
                 "--config", help="TOML file of options (defaults < file < command line).",
                 rich_help_panel="Run",
+            ),
+        ],
+    ),
+    inspect.Parameter(
+        "nproc_per_node",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[
+            Optional[int],
+            typer.Option(
+                "--nproc-per-node",
+                help="Train in N processes on this machine (one per GPU) through torchrun; "
+                "--batch-size is per process. For several machines run torchrun yourself "
+                "(docs/distributed.md).",
+                rich_help_panel="Run",
+                min=1,
             ),
         ],
     ),

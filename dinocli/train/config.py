@@ -22,6 +22,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 MODEL, TEMP, OPTIM, AUG, RUN = "Model", "Teacher temperature", "Optimisation", "Augmentation", "Run"
+MONITOR = "Monitoring"
 
 
 def _opt(default: Any, help: str, panel: str, **extra: Any) -> Any:
@@ -78,7 +79,20 @@ class PretrainConfig:
     local_crops_scale: tuple[float, float] = _opt((0.05, 0.4), "Area range of local crops.", AUG)
     global_crop_size: int = _opt(224, "Global crop size in pixels (e.g. 32 for CIFAR).", AUG)
     local_crop_size: int = _opt(96, "Local crop size in pixels (e.g. 16 for CIFAR).", AUG)
-    collapse: str = _opt("centering", "Collapse-avoidance strategy (see `dino plugins`).", MODEL)
+    augment_on: str = _opt(
+        "cpu",
+        "Where colour jitter, grayscale, blur and solarisation run: cpu (data-loading workers) or "
+        "gpu (batched on the training device; workers only decode, crop and flip). Built-in "
+        "`dino` augmentation only.",
+        AUG,
+        choices=("cpu", "gpu"),
+    )
+    collapse: str = _opt(
+        "centering",
+        "Collapse avoidance: centering, sinkhorn-knopp or none, plus regularisers after commas "
+        "(e.g. centering,koleo); see `dino plugins` and docs/collapse.md.",
+        MODEL,
+    )
     saveckp_freq: int = _opt(20, "Keep checkpoint{epoch:04d}.pth every N epochs; 0 never.", RUN)
     seed: int = _opt(0, "Random seed: data order, augmentation and initialisation.", RUN)
     num_workers: int = _opt(-1, "Data-loading processes; -1 picks min(10, CPU count).", RUN)
@@ -90,6 +104,12 @@ class PretrainConfig:
         choices=("auto", "fp32", "bf16", "fp16"),
     )
     device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps.", RUN)
+    compile: bool = _opt(
+        False,
+        "torch.compile the student and teacher backbones: faster steps on GPUs after a warm-up "
+        "of a minute or so (needs a C++ compiler on the CPU).",
+        RUN,
+    )
     init_from: str = _opt(
         "", "Start a NEW run from these weights (fresh optimiser and schedules).", RUN
     )
@@ -98,6 +118,12 @@ class PretrainConfig:
     on_bad_image: str = _opt(
         "skip", "Unreadable images: skip (counted, reported) or fail.", RUN, choices=("skip", "fail")
     )
+    knn_every: int = _opt(
+        0, "Every N epochs (and after the last), the teacher's k-NN top-1 (k=20) on --knn-train/"
+        "--knn-val, computed as `dino knn` does; 0 disables.", MONITOR,
+    )
+    knn_train: str = _opt("", "Labelled <class>/<image> folder: the k-NN monitor's train set.", MONITOR)
+    knn_val: str = _opt("", "Labelled <class>/<image> folder: the k-NN monitor's val set.", MONITOR)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (tuples as lists), as saved in config.toml and in checkpoints."""
@@ -210,6 +236,12 @@ def validate(cfg: PretrainConfig) -> None:
             raise UsageError(f"--{_flag(name)} must be positive, got {getattr(cfg, name)}")
     if cfg.log_every <= 0:
         raise UsageError(f"--log-every must be positive, got {cfg.log_every}")
+    if cfg.knn_every < 0:
+        raise UsageError(f"--knn-every must not be negative, got {cfg.knn_every}")
+    if cfg.knn_every and not (cfg.knn_train and cfg.knn_val):
+        raise UsageError("--knn-every needs both --knn-train DIR and --knn-val DIR (labelled folders)")
+    if (cfg.knn_train or cfg.knn_val) and not cfg.knn_every:
+        raise UsageError("--knn-train/--knn-val are used only with --knn-every N (epochs); add it")
     for name, f in FIELDS.items():
         choices = f.metadata.get("choices")
         if choices and getattr(cfg, name) not in choices:

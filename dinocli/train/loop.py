@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import signal
 import threading
@@ -20,11 +19,21 @@ from torch.utils.data import DataLoader
 
 import dinocli
 from dinocli.data import find_images
-from dinocli.distributed import ProcessGroup, init_distributed
+from dinocli.distributed import (
+    ProcessGroup,
+    agree_on_step,
+    all_reduce_max,
+    barrier,
+    destroy_distributed,
+    global_batch_noise,
+    init_distributed,
+    same_on_all_processes,
+    step_seed,
+)
 from dinocli.errors import DinoError, UsageError
 from dinocli.heads import DINOHead
 from dinocli.io import atomic_write_text
-from dinocli.registry import create_augmentation, create_backbone, create_collapse_strategy
+from dinocli.registry import create_augmentation, create_backbone
 from dinocli.runtime import autocast, resolve_precision
 from dinocli.train.checkpoint import (
     BACKBONE_SPEC_KEY,
@@ -34,7 +43,10 @@ from dinocli.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from dinocli.strategies.combine import build_collapse_strategy
 from dinocli.train.config import PretrainConfig, to_toml
+from dinocli.train.diagnostics import CollapseDetector, batch_diagnostics
+from dinocli.train.knn_monitor import KnnMonitor
 from dinocli.train.loss import multicrop_cross_entropy
 from dinocli.train.model import MultiCropNetwork, ema_update
 from dinocli.train.optim import build_optimizer, clip_gradients, param_groups
@@ -48,7 +60,7 @@ STUDENT_TEMP = 0.1
 #: Options that fix the shape of what a checkpoint holds: a resumed run must keep them.
 STRUCTURAL = (
     "arch", "patch_size", "out_dim", "norm_last_layer", "use_bn_in_head", "collapse",
-    "augmentation", "local_crops_number", "global_crop_size", "optimizer", "batch_size",
+    "augmentation", "local_crops_number", "global_crop_size", "optimizer",
 )
 
 
@@ -77,12 +89,15 @@ def resolve_data(data: str) -> Path:
 def pretrain(cfg: PretrainConfig, display_rich: bool | None = None) -> PretrainResult:
     """Train a DINO student and teacher as ``cfg`` says; resumes from ``cfg.output`` if it holds a run."""
     group, device = init_distributed(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    trainer = Trainer(cfg, group, device, precision, display_rich)
     try:
-        return trainer.run()
+        precision = resolve_precision(cfg.precision, device)
+        trainer = Trainer(cfg, group, device, precision, display_rich)
+        try:
+            return trainer.run()
+        finally:
+            trainer.close()
     finally:
-        trainer.close()
+        destroy_distributed()
 
 
 class Trainer:
@@ -137,15 +152,20 @@ class Trainer:
         )
         if cfg.init_from:
             self._init_from(cfg.init_from)
-        if group.world_size > 1:
+        if group.world_size > 1 and device.type == "cuda":  # SyncBatchNorm needs CUDA
             self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
             self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
-        self.student.to(device)
-        self.teacher.to(device)
+        self.channels_last = device.type == "cuda" and _is_cnn(student_backbone)
+        memory_format = torch.channels_last if self.channels_last else torch.preserve_format
+        self.student.to(device, memory_format=memory_format)
+        self.teacher.to(device, memory_format=memory_format)
         self.teacher.load_state_dict(self.student.state_dict())
+        if cfg.compile:  # in place, so the state-dict keys stay the same; one graph per crop size
+            self.student.backbone.compile(dynamic=False)
+            self.teacher.backbone.compile(dynamic=False)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        self.strategy = create_collapse_strategy(
+        self.strategy = build_collapse_strategy(
             cfg.collapse,
             out_dim=cfg.out_dim,
             n_global=self.n_global,
@@ -167,6 +187,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optimizer, param_groups(self.student))
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
+        self.global_batch = cfg.batch_size * group.world_size
         self.sampler = EpochSampler(
             len(self.paths), cfg.batch_size, cfg.seed, group.rank, group.world_size
         )
@@ -200,7 +221,16 @@ class Trainer:
             rich=display_rich if cfg.progress else False,
         )
         self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=group.is_main)
+        self.detector = CollapseDetector(
+            cfg.out_dim, embed_dim, warn=self.display.log, start_epoch=max(1, cfg.freeze_last_layer)
+        )
+        self.knn = KnnMonitor(
+            cfg.knn_train, cfg.knn_val, cfg.knn_every, cfg.global_crop_size, batch_size=cfg.batch_size,
+            num_workers=max(cfg.num_workers, 0), precision=precision,
+        ) if cfg.knn_every else None
+        self._last_knn: dict[str, float] = {}
         self._interrupted = False
+        self._stop_agreed = False
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -216,7 +246,8 @@ class Trainer:
         from dinocli.datasets import MultiCropDataset, collate_multicrop
 
         self.dataset = MultiCropDataset(
-            self.paths, self.augmentation, seed=self.cfg.seed, on_bad_image=self.cfg.on_bad_image
+            self.paths, self.augmentation, seed=self.cfg.seed, on_bad_image=self.cfg.on_bad_image,
+            defer_colour=self.cfg.augment_on == "gpu",  # colour ops batched on the device in step()
         )
         workers = self.cfg.num_workers if self.cfg.num_workers >= 0 else min(10, os.cpu_count() or 1)
         return DataLoader(
@@ -256,6 +287,7 @@ class Trainer:
         self.epoch, self.iteration = int(ckpt["epoch"]), int(ckpt["iteration"])
         self.skipped_images = int(ckpt.get("skipped_images", 0))
         self.metrics.truncate_after(self.iteration)
+        self._adapt_to_global_batch(int(ckpt.get("global_batch", self.global_batch)), path)
         other = [k for k in saved if k not in STRUCTURAL and k != "output"
                  and _plain(saved[k]) != _plain(getattr(self.cfg, k, None))]
         note = f" (changed: {', '.join(other)})" if other else ""
@@ -264,6 +296,22 @@ class Trainer:
         )
         return True
 
+    def _adapt_to_global_batch(self, saved: int, path: Path) -> None:
+        """A run saved with another global batch (processes x --batch-size) goes on at its epoch end."""
+        if saved == self.global_batch:
+            return
+        if self.iteration != self.epoch * (len(self.paths) // saved):
+            raise UsageError(
+                f"{path} was saved in the middle of an epoch with a global batch of {saved} "
+                f"(processes x --batch-size); resume it with a global batch of {saved}, not "
+                f"{self.global_batch}"
+            )
+        self.iteration = self.epoch * self.iters_per_epoch
+        self.display.log(
+            f"the global batch changed from {saved} to {self.global_batch}: the schedules "
+            "continue from the start of the next epoch"
+        )
+
     # -- training ---------------------------------------------------------------------------
 
     def run(self, stop_after_epoch: int | None = None) -> PretrainResult:
@@ -271,6 +319,11 @@ class Trainer:
         cfg = self.cfg
         last_epoch = cfg.epochs if stop_after_epoch is None else min(stop_after_epoch, cfg.epochs)
         resumed = self.resume_if_possible()
+        if not same_on_all_processes(self.iteration, self.device):
+            raise DinoError(
+                f"the processes found different checkpoints in {self.out}; every node must see "
+                "the same --output folder (a shared file system) to resume"
+            )
         if self.group.is_main:
             atomic_write_text(self.out / "config.toml", to_toml(cfg))
             if not resumed:
@@ -293,6 +346,7 @@ class Trainer:
                 history.append(record)
                 self.epoch += 1
                 self.save()
+                self._monitor_knn()
         self.display.close()
         if self.group.is_main and self.skipped_images:
             self.display.log(f"{self.skipped_images} unreadable image(s) were skipped in this run")
@@ -316,7 +370,7 @@ class Trainer:
         start = time.perf_counter()
         for views, n_skipped in loader:
             skipped += n_skipped
-            if not views:  # every image of this batch was unreadable: nothing to learn from
+            if not self._all_have_images(bool(views)):  # nothing to learn from on some process
                 self.iteration += 1
                 continue
             it = self.iteration
@@ -325,13 +379,14 @@ class Trainer:
                 group["lr"] = lr
                 if i == 0:
                     group["weight_decay"] = wd
-            loss, extra = self.step(views, temp, momentum)
+            log_now = (self.iteration + 1) % cfg.log_every == 0 or count == 0
+            loss, extra = self.step(views, temp, momentum, diagnose=log_now)
             total, count = total + loss, count + 1
             self.iteration += 1
-            if self._interrupted:
+            if self._stop_agreed or (self.group.world_size == 1 and self._interrupted):
                 self._save_interrupted()
             tick_images += views[0].shape[0] * self.group.world_size
-            if self.iteration % cfg.log_every == 0 or count == 1:
+            if log_now:
                 now = time.perf_counter()
                 record = {
                     "epoch": self.epoch, "iteration": self.iteration, "loss": loss, "lr": lr,
@@ -339,8 +394,11 @@ class Trainer:
                     "images_per_s": tick_images / max(now - tick, 1e-9), **extra,
                 }
                 tick, tick_images = now, 0
+                issued = self.detector.check(record)
+                if issued:
+                    record["collapse_warning"] = ",".join(issued)
                 self.metrics.write(record)
-                self.display.update(record, log_line=True)
+                self.display.update({**record, **self._last_knn}, log_line=True)
             else:
                 self.display.update({"loss": loss}, log_line=False)
         self.skipped_images += skipped
@@ -356,25 +414,44 @@ class Trainer:
         )
         return record
 
-    def step(self, views: list[torch.Tensor], temp: float, momentum: float) -> tuple[float, dict]:
-        """One iteration: forward both networks, DINO loss, update the student, then the teacher."""
+    def step(
+        self, views: list[torch.Tensor], temp: float, momentum: float, diagnose: bool = True
+    ) -> tuple[float, dict]:
+        """One iteration: forward both networks, DINO loss, update the student, then the teacher.
+
+        With ``diagnose`` (logged iterations), the returned figures include the strategy's metrics
+        and the collapse diagnostics (:func:`dinocli.train.diagnostics.batch_diagnostics`).
+        """
         cfg = self.cfg
-        views = [v.to(self.device, non_blocking=True) for v in views]
+        fmt = torch.channels_last if self.channels_last else torch.preserve_format
+        if hasattr(views, "finish"):  # --augment-on gpu: uint8 crops, colour ops on the device
+            views = views.finish(self.device)
+        views = [v.to(self.device, non_blocking=True, memory_format=fmt) for v in views]
+        noise = global_batch_noise(
+            step_seed(cfg.seed, self.iteration), views[0].shape[0], self.device, self.group
+        )
         with autocast(self.precision, self.device):
             with torch.no_grad():
-                _, teacher_logits = self.teacher(views[: self.n_global])
-            student_emb, student_logits = self.model(views)
+                teacher_emb, teacher_logits = self.teacher(views[: self.n_global])
+            with noise:  # stochastic depth per sample, whatever the number of processes
+                student_emb, student_logits = self.model(views)
         teacher_logits = teacher_logits.float()
-        targets = self.strategy.targets(teacher_logits, temp)
+        targets = self._call_strategy("targets", teacher_logits, temp)
         loss = multicrop_cross_entropy(student_logits, targets, self.n_crops, STUDENT_TEMP)
         n_global_rows = teacher_logits.shape[0]
-        reg = self.strategy.regularizer(student_emb[:n_global_rows].float(), student_logits.float())
+        reg = self._call_strategy("regularizer", student_emb[:n_global_rows].float(), student_logits.float())
         if reg is not None:
             loss = loss + reg
-        value = loss.item()
-        if not math.isfinite(value):
+        # All processes agree on the mean loss, on stopping, and on going on, before the backward.
+        agreed = agree_on_step(loss, views[0].shape[0], stop=self._interrupted)
+        self._stop_agreed = agreed.stop
+        value = agreed.loss
+        if not agreed.finite:
+            world = self.group.world_size
+            where = f" on at least one of {world} processes" if world > 1 else ""
             raise DinoError(
-                f"the loss became {value} at epoch {self.epoch + 1}, iteration {self.iteration + 1}; "
+                f"the loss became {value} at epoch {self.epoch + 1}, iteration {self.iteration + 1}"
+                f"{where}; "
                 f"the last checkpoint ({self.out / LATEST}) is intact. Try --precision fp32, a "
                 "lower --lr, a smaller --clip-grad or a longer --warmup-epochs"
             )
@@ -395,11 +472,51 @@ class Trainer:
         else:
             self.optimizer.step()
         ema_update(self.teacher, self.student, momentum)
-        self.strategy.update(teacher_logits)
-        extra = {k: float(v) for k, v in self.strategy.metrics().items()}
+        self._call_strategy("update", teacher_logits)
+        if not diagnose:
+            return value, {}
+        extra = {k: float(v) for k, v in self._call_strategy("metrics").items()}
+        extra.update(
+            batch_diagnostics(targets, student_logits.detach(), teacher_emb, self.n_crops, STUDENT_TEMP)
+        )
         if self.device.type == "cuda":
             extra["max_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         return value, extra
+
+    def _call_strategy(self, method: str, *args: Any) -> Any:
+        """``self.strategy.<method>(*args)``; a failure names the plugin behind ``--collapse``."""
+        try:
+            return getattr(self.strategy, method)(*args)
+        except DinoError:
+            raise
+        except Exception as exc:
+            from dinocli.registry import get_registry
+            from dinocli.strategies.combine import parse_collapse
+
+            registry = get_registry()
+            plugins = sorted({registry.get("collapse_strategies", n).plugin
+                              for n in parse_collapse(self.cfg.collapse)})
+            word = "plugin" if len(plugins) == 1 else "plugins"
+            raise DinoError(
+                f"collapse strategy {self.cfg.collapse!r} from {word} "
+                f"{', '.join(repr(p) for p in plugins)} raised in {method}() at epoch "
+                f"{self.epoch + 1}, iteration {self.iteration + 1}: {type(exc).__name__}: {exc}; "
+                f"the last checkpoint ({self.out / LATEST}) is intact"
+            ) from exc
+
+    def _monitor_knn(self) -> None:
+        """The teacher's k-NN top-1 when ``--knn-every`` says so (main process; logged and shown)."""
+        if self.knn is None or not self.knn.due(self.epoch, self.cfg.epochs) or not self.group.is_main:
+            return
+        result = self.knn.evaluate(self.teacher.backbone)
+        self._last_knn = {"knn_top1": result["knn_top1"]}
+        self.metrics.write(
+            {"epoch": self.epoch - 1, "iteration": self.iteration, **result, "summary": "knn"}
+        )
+        self.display.log(
+            f"k-NN top-1 (k={result['knn_k']}) of the teacher after epoch {self.epoch}: "
+            f"{result['knn_top1']:.2f}% ({result['knn_time_s']:.1f}s)"
+        )
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -414,6 +531,7 @@ class Trainer:
             "iteration": self.iteration,
             "skipped_images": self.skipped_images,
             "config": self.cfg.to_dict(),
+            "global_batch": self.global_batch,
             "rng": rng_state(),
             BACKBONE_SPEC_KEY: self.spec,
             "dinocli.version": dinocli.__version__,
@@ -421,13 +539,13 @@ class Trainer:
 
     def save(self, end_of_epoch: bool = True) -> None:
         """``checkpoint.pth`` now, and ``checkpoint{epoch:04d}.pth`` every ``saveckp_freq`` epochs."""
-        if not self.group.is_main:
-            return
-        state = self.state()
-        save_checkpoint(self.out / LATEST, state)
-        freq = self.cfg.saveckp_freq
-        if end_of_epoch and freq and self.epoch % freq == 0:
-            save_checkpoint(self.out / f"checkpoint{self.epoch:04d}.pth", state)
+        if self.group.is_main:
+            state = self.state()
+            save_checkpoint(self.out / LATEST, state)
+            freq = self.cfg.saveckp_freq
+            if end_of_epoch and freq and self.epoch % freq == 0:
+                save_checkpoint(self.out / f"checkpoint{self.epoch:04d}.pth", state)
+        barrier()  # no process goes on (or reads it) before the checkpoint is complete
 
     def _save_interrupted(self) -> None:
         """Ctrl-C: keep the last completed iteration (resume accepts it), then stop."""
@@ -457,9 +575,21 @@ class Trainer:
         finally:
             signal.signal(signal.SIGINT, previous)
 
+    def _all_have_images(self, has_images: bool) -> bool:
+        """Whether every process has images this iteration (all processes must step together)."""
+        if self.group.world_size == 1:
+            return has_images
+        lacking = torch.tensor([0 if has_images else 1], device=self.device)
+        return int(all_reduce_max(lacking)) == 0
+
     def close(self) -> None:
         self.display.close()
         self.metrics.close()
+
+
+def _is_cnn(backbone: nn.Module) -> bool:
+    """More than one 2-d convolution (a ViT has a single one, its patch embedding)."""
+    return sum(isinstance(m, nn.Conv2d) for m in backbone.modules()) > 1
 
 
 def _ignore_sigint(worker_id: int) -> None:

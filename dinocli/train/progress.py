@@ -14,7 +14,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from dinocli.io import atomic_write_text
 
-SHOWN = ("loss", "lr", "wd", "momentum", "teacher_temp", "images_per_s")
+SHOWN = (
+    "loss", "lr", "wd", "momentum", "teacher_temp", "images_per_s",
+    # collapse diagnostics (dinocli.train.diagnostics) and k-NN monitoring
+    "teacher_entropy", "kl_teacher_student", "teacher_prototypes", "embedding_std", "knn_top1",
+)
 
 
 def _fmt(key: str, value: Any) -> str:

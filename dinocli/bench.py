@@ -1,0 +1,198 @@
+"""``dino bench``: is training limited by the data pipeline or by the model, on this machine?
+
+Four rates, in images per second: decoding alone (one process), decoding + multi-crop augmentation
+in one process (what one data-loading worker does, one thread), the same through a ``DataLoader``
+with N workers, and training steps of the chosen model (the real :meth:`Trainer.step`: student
+and teacher forward, DINO loss, backward, optimiser and EMA update) on a real augmented batch.
+The slower of the data rate and the step rate limits training; the number of workers that feeds
+the model is ``ceil(1.1 * step rate / rate per worker)``, at most the number of CPUs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from dinocli.data import find_images, open_rgb
+from dinocli.errors import UsageError
+
+#: The keys ``dino bench --json`` prints, in this order.
+JSON_KEYS = (
+    "decode_images_per_s",
+    "augment_images_per_s_per_worker",
+    "augment_images_per_s",
+    "step_images_per_s",
+    "bottleneck",
+    "recommended_num_workers",
+)
+MARGIN = 1.1  # workers feed 10 % more than the model takes
+
+
+@dataclass
+class BenchResult:
+    """The measured rates (images/s), the verdict, and what was measured."""
+
+    decode_images_per_s: float
+    augment_images_per_s_per_worker: float
+    augment_images_per_s: float
+    step_images_per_s: float
+    bottleneck: str
+    recommended_num_workers: int
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """Exactly the keys of :data:`JSON_KEYS`."""
+        values = asdict(self)
+        return {k: values[k] for k in JSON_KEYS}
+
+
+def recommend_workers(step_rate: float, per_worker: float, cpus: int | None = None) -> int:
+    """Workers that feed ``step_rate`` images/s at ``per_worker`` each, with a 10 % margin."""
+    cpus = cpus or os.cpu_count() or 1
+    if per_worker <= 0:
+        return cpus
+    return max(1, min(cpus, math.ceil(MARGIN * step_rate / per_worker)))
+
+
+def decode_rate(paths: list[Path], limit_s: float = 5.0) -> float:
+    """Images/s of decoding to RGB in this process (stops after ``limit_s`` seconds)."""
+    start, n = time.perf_counter(), 0
+    for path in paths:
+        open_rgb(path)
+        n += 1
+        if time.perf_counter() - start > limit_s:
+            break
+    return n / (time.perf_counter() - start)
+
+
+def worker_rate(dataset, count: int, limit_s: float = 10.0) -> float:
+    """Images/s of ``dataset[i]`` (decode + augment) in this process on one thread, as a worker."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # DataLoader workers run one thread each
+    try:
+        dataset[0]  # warm-up
+        start, n = time.perf_counter(), 0
+        for i in range(count):
+            dataset[i % len(dataset)]
+            n += 1
+            if time.perf_counter() - start > limit_s:
+                break
+        return n / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def loader_rate(dataset, num_workers: int, batch_size: int, count: int) -> float:
+    """Images/s through a ``DataLoader`` with ``num_workers`` workers (after its first batch)."""
+    from dinocli.datasets import collate_multicrop
+
+    indices = [i % len(dataset) for i in range(count + batch_size)]
+    loader = DataLoader(
+        torch.utils.data.Subset(dataset, indices),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_multicrop,
+        prefetch_factor=2 if num_workers else None,
+    )
+    it = iter(loader)
+    next(it)  # worker start-up is not part of the rate
+    start, n = time.perf_counter(), 0
+    for batch in it:
+        n += batch.crops[0].shape[0] if batch.crops else 0
+    return n / max(time.perf_counter() - start, 1e-9)
+
+
+def step_rate(trainer, batch, steps: int) -> float:
+    """Images/s of ``trainer.step`` on ``batch`` (the same batch each time; one warm-up step)."""
+    temp, momentum = trainer.schedules.teacher_temp(0), trainer.schedules.momentum(0)
+    trainer.step(batch, temp, momentum, diagnose=False)
+    _sync(trainer.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.step(batch, temp, momentum, diagnose=False)
+    _sync(trainer.device)
+    return steps * batch[0].shape[0] / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_bench(
+    data: str | Path,
+    arch: str = "vit_small",
+    patch_size: int = 16,
+    out_dim: int = 65536,
+    precision: str = "auto",
+    device: str = "auto",
+    num_workers: int = -1,
+    batch_size: int = 64,
+    images: int = 200,
+    steps: int = 5,
+    augment_on: str = "cpu",
+    global_crop_size: int = 224,
+    local_crop_size: int = 96,
+    local_crops_number: int = 8,
+) -> BenchResult:
+    """Measure the four rates on the images under ``data`` and say what limits training."""
+    from dinocli.datasets import MultiCropDataset, collate_multicrop
+    from dinocli.distributed import ProcessGroup
+    from dinocli.runtime import resolve_device, resolve_precision
+    from dinocli.train.config import resolve_config
+    from dinocli.train.loop import Trainer
+
+    if images < 1 or steps < 1 or batch_size < 1:
+        raise UsageError("--images, --steps and --batch-size must be positive")
+    paths = find_images(data)
+    cpus = os.cpu_count() or 1
+    workers = num_workers if num_workers >= 0 else min(10, cpus)
+    batch_size = min(batch_size, len(paths))
+    with tempfile.TemporaryDirectory(prefix="dino-bench-") as out:
+        cfg = resolve_config(overrides={
+            "data": str(data), "output": out, "arch": arch, "patch_size": patch_size,
+            "out_dim": out_dim, "precision": precision, "device": device, "batch_size": batch_size,
+            "augment_on": augment_on, "global_crop_size": global_crop_size,
+            "local_crop_size": local_crop_size, "local_crops_number": local_crops_number,
+            "epochs": 1, "warmup_epochs": 0, "progress": False, "num_workers": workers,
+        })  # fmt: skip
+        dev = resolve_device(cfg.device)
+        trainer = Trainer(cfg, ProcessGroup(), dev, resolve_precision(cfg.precision, dev), False)
+        try:
+            dataset = MultiCropDataset(
+                trainer.paths, trainer.augmentation, seed=0, defer_colour=augment_on == "gpu"
+            )
+            decode = decode_rate(paths[:images])
+            per_worker = worker_rate(dataset, images)
+            with_workers = loader_rate(dataset, workers, min(batch_size, 16), images)
+            batch = collate_multicrop([dataset[i % len(dataset)] for i in range(batch_size)])
+            if not batch.crops:
+                raise UsageError(f"no image under {data} could be decoded")
+            step = step_rate(trainer, batch.crops, steps)
+        finally:
+            trainer.close()
+    recommended = recommend_workers(step, per_worker, cpus)
+    return BenchResult(
+        decode_images_per_s=round(decode, 1),
+        augment_images_per_s_per_worker=round(per_worker, 1),
+        augment_images_per_s=round(with_workers, 1),
+        step_images_per_s=round(step, 1),
+        bottleneck="data" if with_workers < step else "model",
+        recommended_num_workers=recommended,
+        details={
+            "arch": arch, "patch_size": patch_size, "device": str(dev), "precision": trainer.precision,
+            "num_workers": workers, "batch_size": batch_size, "augment_on": augment_on,
+            "images": len(paths), "cpus": cpus,
+        },  # fmt: skip
+    )
+
+
+__all__ = ["JSON_KEYS", "BenchResult", "recommend_workers", "run_bench"]

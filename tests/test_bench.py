@@ -1,0 +1,110 @@
+"""``dino bench``: the recommendation formula, the JSON keys and their consistency, errors, and the
+``--augment-on`` option of pretraining."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from dinocli.bench import JSON_KEYS, recommend_workers
+from dinocli.cli import app
+from dinocli.errors import UsageError
+from dinocli.train.config import resolve_config
+
+from conftest import make_rgb_image
+
+TINY = [
+    "--arch", "vit_tiny", "--patch-size", "8", "--out-dim", "32", "--global-crop-size", "32",
+    "--local-crop-size", "16", "--local-crops-number", "2", "--batch-size", "4", "--images", "8",
+    "--steps", "1", "--device", "cpu", "--precision", "fp32",
+]  # fmt: skip
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: the machine running the tests is shared (timings only, not results)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def images(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(8):
+        make_rgb_image(48, 40, seed=i).save(root / f"{i}.jpg")
+    return root
+
+
+@pytest.mark.parametrize(
+    "step, per_worker, cpus, expected",
+    [(1000.0, 100.0, 64, 11), (1000.0, 100.0, 8, 8), (10.0, 100.0, 8, 1), (250.0, 100.0, 16, 3)],
+)
+def test_recommended_workers_feed_the_model_with_a_margin(step, per_worker, cpus, expected):
+    assert recommend_workers(step, per_worker, cpus) == expected
+    assert expected == max(1, min(cpus, math.ceil(1.1 * step / per_worker)))
+
+
+def test_json_has_exactly_the_issue_keys_and_a_consistent_verdict(cli, images, one_thread):
+    result = cli.invoke(app, ["bench", "--data", str(images), "--num-workers", "1", "--json", *TINY])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout)
+    assert tuple(figures) == JSON_KEYS
+    for key in JSON_KEYS[:4]:
+        assert isinstance(figures[key], float) and figures[key] > 0, key
+    data_rate, step_rate = figures["augment_images_per_s"], figures["step_images_per_s"]
+    assert figures["bottleneck"] == ("data" if data_rate < step_rate else "model")
+    assert figures["recommended_num_workers"] == recommend_workers(
+        step_rate, figures["augment_images_per_s_per_worker"]
+    )
+
+
+def test_human_output_with_augmentation_on_the_device(cli, images, one_thread):
+    result = cli.invoke(
+        app, ["bench", "--data", str(images), "--num-workers", "0", "--augment-on", "gpu", *TINY]
+    )
+    assert result.exit_code == 0, result.output
+    assert "augmentation on gpu" in result.stdout
+    assert "bottleneck:" in result.stdout and "recommended: --num-workers" in result.stdout
+
+
+def test_missing_folder_is_one_line_and_exit_2(cli, tmp_path):
+    result = cli.invoke(app, ["bench", "--data", str(tmp_path / "nope"), "--json"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [f"error: data folder not found: {tmp_path / 'nope'}"]
+
+
+def test_bad_augment_on_is_a_usage_error(cli, images):
+    result = cli.invoke(app, ["bench", "--data", str(images), "--augment-on", "tpu", *TINY])
+    assert result.exit_code == 2
+    assert "--augment-on" in result.stderr and "tpu" in result.stderr
+
+
+def test_pretrain_config_validates_augment_on():
+    base = {"data": "x", "output": "y"}
+    assert resolve_config(overrides=base).augment_on == "cpu"
+    assert resolve_config(overrides={**base, "augment_on": "gpu"}).augment_on == "gpu"
+    with pytest.raises(UsageError, match="augment-on"):
+        resolve_config(overrides={**base, "augment_on": "tpu"})
+
+
+def test_pretraining_with_colour_on_the_device_learns_from_the_same_views(images, tmp_path, one_thread):
+    """--augment-on gpu (here on the CPU device) gives the views of --augment-on cpu: same losses."""
+    from dinocli.train.loop import pretrain
+
+    losses = {}
+    for where in ("cpu", "gpu"):
+        cfg = resolve_config(overrides={
+            "data": str(images), "output": str(tmp_path / where), "arch": "vit_tiny", "patch_size": 8,
+            "out_dim": 32, "global_crop_size": 32, "local_crop_size": 16, "local_crops_number": 2,
+            "batch_size": 4, "epochs": 1, "warmup_epochs": 0, "num_workers": 0, "precision": "fp32",
+            "device": "cpu", "progress": False, "augment_on": where,
+        })  # fmt: skip
+        result = pretrain(cfg)
+        losses[where] = [r["loss"] for r in result.history]
+    assert losses["cpu"] == pytest.approx(losses["gpu"], abs=1e-4)

@@ -1,0 +1,219 @@
+"""Batched, per-view colour operations (dinocli.augmentations.gpu): each one against its PIL
+counterpart within stated tolerances, the blur kernel against PIL's box-filter construction, batching
+that never mixes views, and the deferred (``--augment-on gpu``) path against the CPU fast path."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageFilter, ImageOps
+
+import dinocli
+from dinocli.augmentations import gpu
+from dinocli.augmentations.gpu import ColourParams
+from dinocli.augmentations.params import ColorJitterParams, ViewParams
+from dinocli.datasets import DeferredCrops, MultiCropDataset, collate_multicrop
+from dinocli.errors import UsageError
+
+from conftest import make_rgb_image
+
+
+def levels(image: Image.Image) -> torch.Tensor:
+    """A PIL RGB image as float levels ``[1, 3, H, W]``."""
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).unsqueeze(0).float()
+
+
+def diff(ours: torch.Tensor, pil: Image.Image) -> torch.Tensor:
+    return (ours[0] - levels(pil)[0]).abs()
+
+
+@pytest.fixture
+def photo() -> Image.Image:
+    return make_rgb_image(64, 48, seed=2)
+
+
+def one(value: float) -> torch.Tensor:
+    return torch.tensor([value], dtype=torch.float64)
+
+
+# --- each operation against PIL (torchvision's PIL functions) ---------------------------------
+
+
+@pytest.mark.parametrize("factor", [0.6, 0.87, 1.0, 1.23, 1.4])
+def test_brightness_contrast_saturation_within_one_level_of_pil(photo, factor):
+    x = levels(photo)
+    for ours, theirs in (
+        (gpu.adjust_brightness, TF.adjust_brightness),
+        (gpu.adjust_contrast, TF.adjust_contrast),
+        (gpu.adjust_saturation, TF.adjust_saturation),
+    ):
+        d = diff(ours(x.clone(), one(factor)), theirs(photo, factor))
+        assert d.max() <= 1 and d.mean() < 0.05, (ours.__name__, d.max(), d.mean())
+
+
+@pytest.mark.parametrize("factor", [-0.1, -0.043, 0.0, 0.004, 0.061, 0.1])
+def test_hue_close_to_pil(photo, factor):
+    """PIL quantises hue and saturation to 8 bits (an error of up to 6 levels on saturated
+    pixels); we do not. On this noisy, saturated image: < 1 level on average, > 6 levels on < 2 %
+    of the values, never more than 12."""
+    d = diff(gpu.adjust_hue(levels(photo), one(factor)), TF.adjust_hue(photo, factor))
+    assert d.mean() < 1.0 and d.max() <= 12, (d.mean(), d.max())
+    assert (d > 6).float().mean() < 0.02
+
+
+def test_hue_shift_is_a_rotation_of_the_hsv_hue():
+    """Pure colours move around the hue circle: red + 1/3 turn -> green, + 2/3 -> blue (in whole
+    1/255 turns, as PIL: 85/255 of a turn is exactly a third)."""
+    red = torch.tensor([255.0, 0.0, 0.0]).view(1, 3, 1, 1)
+    assert gpu.adjust_hue(red, one(85 / 255 + 1e-9)).view(3).tolist() == [0.0, 255.0, 0.0]
+    assert gpu.adjust_hue(red, one(-85 / 255 - 1e-9)).view(3).tolist() == [0.0, 0.0, 255.0]
+    grey = torch.full((1, 3, 2, 2), 77.0)  # no chroma: unchanged
+    assert torch.equal(gpu.adjust_hue(grey, one(0.1)), grey)
+
+
+def test_grayscale_and_solarize_match_pil(photo):
+    x = levels(photo)
+    assert diff(gpu.to_grayscale(x), TF.rgb_to_grayscale(photo, 3)).max() <= 1
+    assert diff(gpu.solarize(x), ImageOps.solarize(photo, 128)).max() == 0
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.6, 1.0, 1.5, 2.0])
+def test_blur_kernel_is_pils_three_box_filters(sigma):
+    """Three extended boxes of variance sigma^2/3 each: the kernel sums to 1, is symmetric and has
+    variance sigma^2 (Gwosdek et al. 2011, the construction Pillow uses)."""
+    k = gpu.pil_blur_kernel(sigma)
+    pos = torch.arange(len(k), dtype=torch.float64) - len(k) // 2
+    assert len(k) % 2 == 1 and torch.allclose(k, k.flip(0))
+    assert abs(float(k.sum()) - 1) < 1e-12
+    assert abs(float((k * pos**2).sum()) - sigma**2) < 1e-9
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.7, 1.3, 2.0])
+def test_blur_close_to_pil(photo, sigma):
+    """PIL rounds after each of its six passes; edges are extended per pass: < 1 level on average."""
+    ours = gpu.gaussian_blur(levels(photo), one(sigma))
+    d = diff(ours, photo.filter(ImageFilter.GaussianBlur(radius=sigma)))
+    assert d.mean() < 1.0 and torch.quantile(d.flatten(), 0.99) <= 3, (d.mean(), d.max())
+
+
+# --- batching with per-view parameters ---------------------------------------------------------
+
+
+def random_params(n: int, seed: int) -> list[ViewParams]:
+    aug = dinocli.create_augmentation("dino", global_crop_size=24, local_crop_size=24, local_crops_number=n - 2)
+    return aug.sample(48, 64, torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("n", [2, 7, 12])
+def test_batched_views_equal_views_processed_alone(n):
+    """Whatever the runs of views an operation selects (slices or a gathered copy), each view gets
+    exactly its own parameters."""
+    images = [levels(make_rgb_image(24, 24, seed=s)) for s in range(n)]
+    for seed in range(4):
+        params = random_params(n, seed)
+        batch = gpu.colour_views(torch.cat(images), ColourParams.from_views(params))
+        for i, p in enumerate(params):
+            alone = gpu.colour_views(images[i].clone(), ColourParams.from_views([p]))
+            torch.testing.assert_close(batch[i : i + 1], alone, rtol=0, atol=1e-3)
+
+
+def reference_colour(image: Image.Image, p: ViewParams) -> Image.Image:
+    """The reference's colour steps with torchvision's PIL functions, in order."""
+    if p.jitter is not None:
+        fns = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+        factors = (p.jitter.brightness, p.jitter.contrast, p.jitter.saturation, p.jitter.hue)
+        for k in p.jitter.order:
+            image = fns[k](image, factors[k])
+    if p.grayscale:
+        image = TF.rgb_to_grayscale(image, num_output_channels=3)
+    if p.blur_sigma is not None:
+        image = image.filter(ImageFilter.GaussianBlur(radius=p.blur_sigma))
+    if p.solarize:
+        image = ImageOps.solarize(image)
+    return image
+
+
+def test_whole_colour_pipeline_close_to_the_reference():
+    """Sampled parameters (every op, every order): mean difference per view under 1.5 levels."""
+    image = make_rgb_image(32, 32, seed=7)
+    means, seen = [], set()
+    for seed in range(25):
+        params = random_params(6, seed)
+        out = gpu.colour_views(torch.cat([levels(image)] * 6), ColourParams.from_views(params))
+        for i, p in enumerate(params):
+            d = diff(out[i : i + 1], reference_colour(image, p))
+            means.append(float(d.mean()))
+            seen.update(f for f in ("jitter", "grayscale", "blur_sigma", "solarize") if getattr(p, f))
+    assert seen == {"jitter", "grayscale", "blur_sigma", "solarize"}
+    assert max(means) < 1.5 and np.mean(means) < 0.6, (max(means), np.mean(means))
+
+
+def test_jitter_order_matters_and_is_followed(photo):
+    """Brightness 1.4 then contrast 0.6 differs from the other order (clipping): each order is PIL's."""
+    x = levels(photo)
+    for order in ((0, 1, 2, 3), (1, 0, 2, 3)):
+        p = ViewParams(0, 0, 48, 64, False, ColorJitterParams(order, 1.4, 0.6, 1.0, 0.0), False, None, False)
+        out = gpu.colour_views(x.clone(), ColourParams.from_views([p]))
+        expected = reference_colour(photo, p)
+        assert diff(out, expected).max() <= 6  # PIL's HSV round trip for hue 0 costs a few levels
+    a = gpu.colour_views(x.clone(), ColourParams.from_views([p]))
+    p0 = ViewParams(0, 0, 48, 64, False, ColorJitterParams((0, 1, 2, 3), 1.4, 0.6, 1.0, 0.0), False, None, False)
+    b = gpu.colour_views(x.clone(), ColourParams.from_views([p0]))
+    assert (a - b).abs().mean() > 1
+
+
+def test_normalize_is_totensor_then_normalize(photo):
+    x = levels(photo)
+    expected = TF.normalize(TF.to_tensor(photo), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    torch.testing.assert_close(gpu.normalize(x, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))[0], expected)
+
+
+def test_wrong_number_of_parameters_is_refused():
+    with pytest.raises(ValueError, match="3 colour parameters for 2 views"):
+        gpu.colour_views(torch.zeros(2, 3, 4, 4), ColourParams.from_views(random_params(3, 0)))
+
+
+# --- the deferred path: workers crop, the device colours -----------------------------------
+
+
+def test_deferred_batches_equal_the_cpu_fast_path(tmp_path):
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"{i}.png")
+        make_rgb_image(40, 36, seed=i).save(paths[-1])
+    aug = dinocli.create_augmentation("dino", global_crop_size=24, local_crop_size=12, local_crops_number=3)
+    cpu = collate_multicrop([MultiCropDataset(paths, aug, seed=4)[i] for i in range(5)])
+    deferred = collate_multicrop([MultiCropDataset(paths, aug, seed=4, defer_colour=True)[i] for i in range(5)])
+    assert isinstance(deferred.crops, DeferredCrops) and deferred.n_skipped == 0
+    assert all(c.dtype == torch.uint8 for c in deferred.crops.crops)
+    assert deferred.crops[0].shape == (5, 3, 24, 24) and len(deferred.crops) == 5
+    views = deferred.crops.finish("cpu")
+    assert [tuple(v.shape) for v in views] == [tuple(v.shape) for v in cpu.crops]
+    for got, want in zip(views, cpu.crops):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_deferred_colour_needs_an_augmentation_with_stages(tmp_path):
+    class Plain:
+        n_global, n_local = 2, 0
+
+        def __call__(self, image, generator):
+            return []
+
+    make_rgb_image().save(tmp_path / "a.png")
+    with pytest.raises(UsageError, match="cannot run its colour operations on the device"):
+        MultiCropDataset([tmp_path / "a.png"], Plain(), defer_colour=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device in this environment")
+def test_on_cuda_equals_cpu():
+    params = random_params(8, 3)
+    x = torch.cat([levels(make_rgb_image(24, 24, seed=s)) for s in range(8)])
+    cpu = gpu.colour_views(x.clone(), ColourParams.from_views(params))
+    cuda = gpu.colour_views(x.cuda(), ColourParams.from_views(params)).cpu()
+    # float rounding may flip a level where a value sits on .5
+    assert (cpu - cuda).abs().max() <= 1 and (cpu != cuda).float().mean() < 0.01

@@ -1,0 +1,363 @@
+"""Untrusted and careless input through the ``dino`` command: weights files, k-NN features files,
+configuration and plugins. Each case: the message, the exit code, one ``error:`` line, no
+traceback, and nothing lost (no code run, no file changed).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import broken_files as bf
+from dinocli.cli import app, main
+from dinocli.registry import ENV_VAR
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: the machine's cores are shared, and more threads only contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def dino(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the ``dino`` console entry point in this process: ``(exit code, stdout, stderr)``."""
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    else:  # pragma: no cover - main always exits
+        code = 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    root = tmp_path / "images" / "cls"
+    root.mkdir(parents=True)
+    for i in range(8):
+        bf.rgb(40, 36, seed=i).save(root / f"{i}.png")
+    return tmp_path / "images"
+
+
+TRAIN = ["--arch", "vit_tiny", "--patch-size", "8", "--out-dim", "32", "--global-crop-size", "32",
+         "--local-crop-size", "16", "--local-crops-number", "1", "--batch-size", "4", "--warmup-epochs",
+         "0", "--precision", "fp32", "--device", "cpu", "--no-progress", "--num-workers", "0",
+         "--drop-path-rate", "0", "--log-every", "1"]
+
+
+# -- weights -----------------------------------------------------------------------------------------
+
+
+def make_weights(kind: str, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "missing":
+        return folder / "nowhere.pth"
+    if kind == "folder":
+        return folder
+    if kind == "zero_byte":
+        return bf.zero_byte(folder / "empty.pth")
+    if kind == "random_bytes":
+        return bf.random_bytes(folder / "noise.pth", 4096, seed=1)
+    if kind == "truncated_safetensors":
+        return bf.truncated_safetensors(folder / "cut.safetensors")
+    if kind == "other_architecture":
+        return bf.other_architecture(folder / "vit_tiny.pth")
+    if kind == "code_zip":
+        return bf.code_running_checkpoint(folder / "evil.pth", folder / "marker")
+    if kind == "code_raw":
+        return bf.code_running_raw_pickle(folder / "evil_raw.pth", folder / "marker")
+    raise AssertionError(kind)
+
+
+WEIGHTS_CASES = [
+    ("missing", 2, "weights file not found: {path}"),
+    ("folder", 2, "{path} is a folder, not a weights file"),
+    ("zero_byte", 2, "{path} is not a readable PyTorch checkpoint: EOFError"),
+    ("random_bytes", 2, "{path} is not a PyTorch checkpoint dinocli can read (not a valid weights-only pickle)"),
+    ("truncated_safetensors", 2, "{path} is not a valid safetensors file: "),
+    ("other_architecture", 2,
+     "the weights do not fit vit_small: 'cls_token' has shape [1, 1, 192] in the file but [1, 1, 384] in the model"),
+    ("code_zip", 1, "refusing to load {path}: it needs the Python object 'posix.mkdir', which could run code"),
+    ("code_raw", 1, "refusing to load {path}: it needs the Python object 'posix.mkdir', which could run code"),
+]
+
+
+@pytest.mark.parametrize(("kind", "code", "message"), WEIGHTS_CASES, ids=[c[0] for c in WEIGHTS_CASES])
+def test_bad_weights_files_in_extract(tmp_path, images, capsys, kind, code, message):
+    weights = make_weights(kind, tmp_path / "weights")
+    out = tmp_path / "features.safetensors"
+    out.write_bytes(b"previous output")
+    before = {p: p.read_bytes() for p in (tmp_path / "weights").iterdir() if p.is_file()}
+    exit_code, stdout, stderr = dino(
+        capsys, "extract", "--data", images, "--output", out, "--weights", weights, "--arch", "vit_small",
+        "--resize", "32", "--crop-size", "32", "--num-workers", "0",
+    )
+    line = bf.error_line(code, exit_code, stderr, stdout)
+    assert message.format(path=weights) in line, line
+    assert not (tmp_path / "weights" / "marker").exists()  # the pickled code never ran
+    assert out.read_bytes() == b"previous output"
+    assert {p: p.read_bytes() for p in (tmp_path / "weights").iterdir() if p.is_file()} == before
+
+
+def test_code_running_pickle_would_run_without_the_guard(tmp_path):
+    """The control: the corpus file really runs code when unpickled without restrictions."""
+    import pickle
+    import zipfile
+
+    raw = bf.code_running_raw_pickle(tmp_path / "raw.pth", tmp_path / "ran_raw")
+    pickle.loads(raw.read_bytes())
+    assert (tmp_path / "ran_raw").is_dir()
+    evil = bf.code_running_checkpoint(tmp_path / "evil.pth", tmp_path / "ran_zip")
+    with zipfile.ZipFile(evil) as archive:
+        data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    assert b"mkdir" in data
+
+
+def test_init_from_another_architecture_names_the_key_and_both_shapes(tmp_path, images, capsys):
+    weights = bf.other_architecture(tmp_path / "vit_tiny.pth")  # patch 8, 192 wide
+    run = tmp_path / "run"
+    args = ["pretrain", "--data", images, "--output", run, *TRAIN, "--epochs", "1"]
+    code, stdout, stderr = dino(capsys, *args, "--arch", "vit_small", "--init-from", weights)
+    line = bf.error_line(2, code, stderr, stdout)
+    assert line == ("error: the weights do not fit vit_small: 'cls_token' has shape [1, 1, 192] in the "
+                    "file but [1, 1, 384] in the model")
+    assert not (run / "checkpoint.pth").exists()
+
+
+# -- k-NN features files --------------------------------------------------------------------------
+
+
+def features_file(path: Path, n: int = 20, dim: int = 8, classes: int = 2, seed: int = 0) -> Path:
+    from dinocli.evaluate.features_io import Features, save_features
+
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % classes
+    save_features(path, Features(torch.randn(n, dim, generator=g), labels, [f"c{i}" for i in range(classes)]))
+    return path
+
+
+def broken_features(kind: str, path: Path) -> Path:
+    if kind == "zero_byte":
+        return bf.zero_byte(path)
+    if kind == "random_bytes":
+        return bf.random_bytes(path, 512, seed=3)
+    if kind == "labels_missing":
+        save_file({"features": torch.randn(20, 8)}, str(path))
+    elif kind == "no_rows":
+        save_file({"features": torch.zeros(0, 8), "labels": torch.zeros(0, dtype=torch.int64)}, str(path))
+    elif kind == "labels_short":
+        save_file({"features": torch.randn(20, 8), "labels": torch.zeros(19, dtype=torch.int64)}, str(path))
+    elif kind == "nan_train":
+        x = torch.randn(20, 8)
+        x[7, 3] = float("nan")
+        x[11, 0] = float("nan")
+        save_file({"features": x, "labels": torch.arange(20) % 2}, str(path))
+    elif kind == "dims":
+        features_file(path, dim=12)
+    return path
+
+
+FEATURE_CASES = [
+    ("zero_byte", "{path} is not a valid safetensors features file: Error while deserializing header"),
+    ("random_bytes", "{path} is not a valid safetensors features file: "),
+    ("labels_missing", "{path} is not a dinocli features file: it lacks the labels tensor"),
+    ("no_rows", "the train features must be a non-empty [N, D] matrix"),
+    ("labels_short", "{path}: features [20, 8] and labels [19] do not form an [N, D] / [N] pair"),
+    ("nan_train", "the train features hold NaN or infinite values (2 rows, the first is row 7)"),
+    ("dims", "the train features are 12-dimensional but the val features are 8-dimensional"),
+]
+
+
+@pytest.mark.parametrize(("kind", "message"), FEATURE_CASES, ids=[c[0] for c in FEATURE_CASES])
+def test_bad_features_files_in_knn(tmp_path, capsys, kind, message):
+    train = broken_features(kind, tmp_path / "train.safetensors")
+    val = features_file(tmp_path / "val.safetensors", n=6, seed=1)
+    report = tmp_path / "knn.json"
+    report.write_text('{"previous": true}\n')
+    before = train.read_bytes()
+    code, stdout, stderr = dino(capsys, "knn", "--train", train, "--val", val, "-k", "3", "--json", report)
+    line = bf.error_line(2, code, stderr, stdout)
+    assert message.format(path=train) in line, line
+    assert json.loads(report.read_text()) == {"previous": True}
+    assert train.read_bytes() == before
+
+
+# -- configuration ----------------------------------------------------------------------------------
+
+
+CLI_CONFIG_CASES = [
+    (["--warmup-epoch", "3"], "No such option: --warmup-epoch (Possible options: --warmup-epochs,"),
+    (["--bacth-size", "4"], "No such option: --bacth-size (Possible options: --batch-size,"),
+    (["--batch-size", "four"], "Invalid value for '--batch-size'"),
+    (["--lr", "fast"], "Invalid value for '--lr'"),
+    (["--norm-last-layer", "yes"], "Got unexpected extra argument"),
+    (["--global-crops-scale", "0.5"], "Option '--global-crops-scale' requires 2 arguments"),
+    (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+    (["--epochs", "5", "--warmup-epochs", "10"], "--warmup-epochs 10 is longer than the run (--epochs 5)"),
+    (["--global-crops-scale", "0.5", "1.5"], "--global-crops-scale must satisfy 0 < min <= max <= 1, got 0.5 1.5"),
+    (["--local-crops-scale", "0", "0.4"], "--local-crops-scale must satisfy 0 < min <= max <= 1, got 0.0 0.4"),
+    (["--optimizer", "adam"], "unknown value for --optimizer 'adam'. Did you mean 'adamw'?"),
+    (["--on-bad-image", "ignore"], "unknown value for --on-bad-image 'ignore'. Available: fail, skip."),
+    (["--arch", "vit_smal"], "unknown backbone 'vit_smal'. Did you mean 'vit_small'?"),
+    (["--lr", "nan"], "--lr must be a finite number >= 0, got nan"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), CLI_CONFIG_CASES, ids=[" ".join(c[0]) for c in CLI_CONFIG_CASES])
+def test_bad_options_on_the_command_line(tmp_path, images, capsys, args, message):
+    run = tmp_path / "run"
+    code, stdout, stderr = dino(capsys, "pretrain", "--data", images, "--output", run, *args)
+    line = bf.error_line(2, code, stderr, stdout)
+    assert message in line, line
+    assert not (run / "checkpoint.pth").exists()
+
+
+TOML_CASES = [
+    ("bacth_size = 4", "unknown option in {path} 'bacth_size'. Did you mean 'batch_size'?"),
+    ("warmup-epoch = 4", "unknown option in {path} 'warmup_epoch'. Did you mean 'warmup_epochs'?"),
+    ("[model]\narch = 'vit_tiny'", "unknown option in {path} 'model'."),
+    ('batch_size = "64"', "'batch_size' in {path} must be an integer, got '64'"),
+    ("epochs = 1.5", "'epochs' in {path} must be an integer, got 1.5"),
+    ("lr = true", "'lr' in {path} must be a number, got True"),
+    ("compile = 'no'", "'compile' in {path} must be true or false, got 'no'"),
+    ("global_crops_scale = [0.4, 'one']", "'global_crops_scale' in {path} must be a list of 2 numbers"),
+    ("arch = ['vit_small']", "'arch' in {path} must be a string, got ['vit_small']"),
+    ("batch_size = 0", "--batch-size must be positive, got 0"),
+    ("epochs = 3\nwarmup_epochs = 4", "--warmup-epochs 4 is longer than the run (--epochs 3)"),
+    ("global_crops_scale = [0.4, 1.2]", "--global-crops-scale must satisfy 0 < min <= max <= 1, got 0.4 1.2"),
+    ("lr = inf", "--lr must be a finite number >= 0, got inf"),
+    ("lr = 0.1\nlr = 0.2", "{path} is not valid TOML: Cannot overwrite a value"),
+    ("epochs = ", "{path} is not valid TOML: "),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), TOML_CASES, ids=[c[0] for c in TOML_CASES])
+def test_bad_toml_files(tmp_path, images, capsys, text, message):
+    path = tmp_path / "config.toml"
+    path.write_text(text + "\n", encoding="utf-8")
+    code, stdout, stderr = dino(capsys, "pretrain", "--config", path, "--data", images, "--output", tmp_path / "run")
+    line = bf.error_line(2, code, stderr, stdout)
+    assert message.format(path=path) in line, line
+
+
+def test_a_toml_file_that_is_not_text(tmp_path, images, capsys):
+    path = bf.random_bytes(tmp_path / "config.toml", 256, seed=5)
+    code, stdout, stderr = dino(capsys, "pretrain", "--config", path, "--data", images, "--output", tmp_path / "run")
+    assert f"error: {path} is not valid TOML: " in bf.error_line(2, code, stderr, stdout)
+    missing = tmp_path / "nope.toml"
+    code, stdout, stderr = dino(capsys, "pretrain", "--config", missing, "--data", images, "--output", tmp_path / "run")
+    assert bf.error_line(2, code, stderr, stdout) == f"error: config file not found: {missing}"
+
+
+# -- plugins -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def plugin_site(tmp_path, monkeypatch, fresh_registry):
+    """A folder on ``sys.path`` to install plugins into; the registry is reloaded around the test."""
+    import sys
+
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    created = []
+
+    def install(entry_point: str, module: str, source: str) -> None:
+        bf.install_plugin(site, entry_point, module, source)
+        created.append(module)
+
+    yield install
+    for module in created:
+        sys.modules.pop(module, None)
+
+
+def test_plugin_that_fails_to_import_is_named(plugin_site, tmp_path, images, capsys):
+    plugin_site("dinotest-noimport", "dinotest_noimport", "import a_module_that_is_not_installed\n")
+    code, stdout, stderr = dino(
+        capsys, "pretrain", "--data", images, "--output", tmp_path / "run", *TRAIN, "--arch", "noimport_net"
+    )
+    line = bf.error_line(2, code, stderr, stdout)
+    assert line.startswith("error: unknown backbone 'noimport_net'.")
+    assert line.endswith("Disabled by errors: plugin 'dinotest-noimport' (see 'dino plugins').")
+    assert ("dinocli: plugin 'dinotest-noimport' disabled: failed to import dinotest_noimport: "
+            "ModuleNotFoundError: No module named 'a_module_that_is_not_installed'") in stderr.splitlines()
+
+
+BROKEN_BACKBONES = {
+    "raises": ("def make(**kwargs):\n    raise ValueError('no weights for img_size 32')\n",
+               "backbone 'broken_net' from plugin 'dinotest-broken' failed to build: "
+               "ValueError: no weights for img_size 32"),
+    "not_a_module": ("def make(**kwargs):\n    return 'a string'\n",
+                     "backbone 'broken_net' from plugin 'dinotest-broken' is broken: its factory must "
+                     "return an nn.Module with an integer embed_dim, got str"),
+    "no_embed_dim": ("import torch\ndef make(**kwargs):\n    return torch.nn.Linear(3, 4)\n",
+                     "backbone 'broken_net' from plugin 'dinotest-broken' is broken: its factory must "
+                     "return an nn.Module with an integer embed_dim, got embed_dim=None"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN_BACKBONES))
+def test_plugin_with_a_broken_backbone_is_named(plugin_site, tmp_path, images, capsys, kind):
+    body, message = BROKEN_BACKBONES[kind]
+    plugin_site("dinotest-broken", "dinotest_broken", body + (
+        "import dinocli\n"
+        "@dinocli.hookimpl\n"
+        "def dinocli_register_backbones(register):\n"
+        "    register('broken_net', make)\n"
+    ))
+    for args in (["pretrain", "--data", images, "--output", tmp_path / "run", *TRAIN, "--arch", "broken_net"],
+                 ["extract", "--data", images, "--output", tmp_path / "f.safetensors", "--random-init",
+                  "--arch", "broken_net", "--resize", "32", "--crop-size", "32", "--num-workers", "0"]):
+        code, stdout, stderr = dino(capsys, *args)
+        assert bf.error_line(1, code, stderr, stdout) == f"error: {message}"
+    assert not (tmp_path / "f.safetensors").exists()
+
+
+FLAKY_STRATEGY = """
+    import torch
+    import dinocli
+
+    class Flaky(dinocli.CollapseStrategy):
+        def __init__(self, **kwargs):
+            super().__init__()
+            self.calls = 0
+
+        def targets(self, teacher_logits, temperature):
+            self.calls += 1
+            if self.calls == 3:
+                raise RuntimeError("prototype buffer overflow")
+            return torch.softmax(teacher_logits / temperature, dim=-1)
+
+    @dinocli.hookimpl
+    def dinocli_register_collapse_strategies(register):
+        register("flaky", Flaky)
+"""
+
+
+def test_strategy_that_raises_during_training_is_named_and_the_checkpoint_kept(
+    plugin_site, tmp_path, images, capsys
+):
+    plugin_site("dinotest-flaky", "dinotest_flaky", FLAKY_STRATEGY)
+    run = tmp_path / "run"
+    # 8 images, batches of 4: iterations 1-2 are epoch 1 (saved), the third call raises
+    code, stdout, stderr = dino(
+        capsys, "pretrain", "--data", images, "--output", run, *TRAIN, "--collapse", "flaky", "--epochs", "2"
+    )
+    line = bf.error_line(1, code, stderr, stdout)
+    assert line == (
+        "error: collapse strategy 'flaky' from plugin 'dinotest-flaky' raised in targets() at epoch 2, "
+        f"iteration 3: RuntimeError: prototype buffer overflow; the last checkpoint ({run / 'checkpoint.pth'}) "
+        "is intact"
+    )
+    ckpt = torch.load(run / "checkpoint.pth", weights_only=True)
+    assert (ckpt["epoch"], ckpt["iteration"], ckpt["config"]["collapse"]) == (1, 2, "flaky")
