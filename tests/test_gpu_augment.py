@@ -4,8 +4,6 @@ that never mixes views, and the deferred (``--augment-on gpu``) path against the
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
