@@ -11,6 +11,15 @@ from dinocli.errors import UsageError
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
 
+def resolve_data(data: str | Path) -> Path:
+    """The image folder ``--data`` names: ``demo`` is the built-in data set's training split."""
+    if str(data) == "demo":
+        from dinocli.demo_data import demo_dataset
+
+        return demo_dataset() / "train"
+    return Path(data)
+
+
 def find_images(root: str | Path) -> list[Path]:
     """Every image file under ``root`` (recursive, sorted, hidden files skipped)."""
     root = Path(root)

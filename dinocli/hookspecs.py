@@ -70,3 +70,18 @@ def dinocli_register_collapse_strategies(register: Register) -> None:
     Keyword arguments dinocli passes: ``out_dim``, ``n_global`` (teacher views), ``n_crops``
     (student views), ``student_temp``.
     """
+
+
+@hookspec
+def dinocli_register_recipes(register: Register) -> None:
+    """Register recipes, named sets of ``dino pretrain`` defaults: ``register(name, factory, description="")``.
+
+    ``factory(**kwargs)`` returns a mapping from option names of :class:`dinocli.train.PretrainConfig`
+    (e.g. ``"out_dim"``) to values, or to ``(value, reason)`` pairs; reasons are printed before
+    training. A user picks a recipe with ``--recipe NAME``; options given in a config file or on the
+    command line override the recipe's values.
+
+    Keyword arguments dinocli passes: ``n_images`` (images found under ``--data``), ``image_size``
+    (median shorter side of a sample of them, in pixels) and ``epochs`` (the ``--epochs`` the user
+    gave, or ``None``).
+    """

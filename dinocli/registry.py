@@ -31,6 +31,7 @@ KINDS = {
         "collapse strategy",
         "collapse strategies",
     ),
+    "recipes": ("dinocli_register_recipes", "recipe", "recipes"),
 }
 
 
@@ -245,6 +246,11 @@ def list_collapse_strategies() -> list[str]:
     return get_registry().names("collapse_strategies")
 
 
+def list_recipes() -> list[str]:
+    """Names of every registered pretraining recipe."""
+    return get_registry().names("recipes")
+
+
 def create_backbone(name: str, **kwargs: Any) -> Any:
     """Build backbone ``name`` (e.g. ``vit_small``) with random weights.
 
@@ -288,5 +294,6 @@ __all__ = [
     "list_augmentations",
     "list_backbones",
     "list_collapse_strategies",
+    "list_recipes",
     "reset_registry",
 ]

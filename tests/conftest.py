@@ -11,10 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from dinocli.registry import reset_registry
+
+# One compute thread per process: tests start several processes (torchrun, CLI subprocesses) on
+# small CI machines, where OpenMP threads spinning against each other make tiny models many times
+# slower. Subprocesses inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -23,7 +23,9 @@ from dinocli.errors import DinoError, UsageError
 from dinocli.registry import ENV_VAR, PluginInfo, Registry, get_registry
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
-JSON_KEYS = {"name", "distribution", "version", "backbones", "augmentations", "collapse_strategies", "error"}
+JSON_KEYS = {
+    "name", "distribution", "version", "backbones", "augmentations", "collapse_strategies", "recipes", "error"
+}
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -162,7 +164,9 @@ def test_a_failing_hook_disables_the_whole_plugin_once(capsys):
     reg.add_plugin(plugin, info("half"))
     assert reg.plugins["half"].error == "dinocli_register_backbones raised KeyError: 'lost my config'"
     assert reg.names("backbones") == reg.names("augmentations") == reg.names("collapse_strategies") == []
-    assert reg.plugins["half"].provides == {"backbones": [], "augmentations": [], "collapse_strategies": []}
+    assert reg.plugins["half"].provides == {
+        "backbones": [], "augmentations": [], "collapse_strategies": [], "recipes": []
+    }
     assert len(stderr_lines(capsys.readouterr().err, "'half' disabled")) == 1
 
 
@@ -354,6 +358,7 @@ def test_example_plugin_is_discovered_through_real_entry_points(fresh_registry, 
         "backbones": ["example_cnn"],
         "augmentations": ["example_simple"],
         "collapse_strategies": ["me-max"],
+        "recipes": [],
     }
 
 

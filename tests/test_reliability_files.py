@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import broken_files as bf
-from dinocli.cli import app, main
+from dinocli.cli import main
 from dinocli.registry import ENV_VAR
 
 

@@ -7,6 +7,7 @@ kebab-case on the command line. Precedence: defaults < ``--config FILE.toml`` < 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 import json
 import math
 import sys
@@ -39,6 +40,13 @@ class PretrainConfig:
 
     data: str = _opt("", "Folder of images (searched recursively), or 'demo' for the built-in set.", RUN)
     output: str = _opt("", "Run folder: checkpoints, config.toml, metrics.jsonl.", RUN)
+    recipe: str = _opt(
+        "reference",
+        "Named defaults: reference (the reference implementation's), small-data (thousands of "
+        "small images, tens of epochs) or auto (scaled from the data and --epochs); options "
+        "given explicitly override it. See `dino plugins`.",
+        RUN,
+    )
     arch: str = _opt("vit_small", "Backbone name (see `dino plugins`).", MODEL)
     patch_size: int = _opt(16, "ViT patch size.", MODEL)
     out_dim: int = _opt(65536, "Number of prototypes (head output size).", MODEL)
@@ -184,17 +192,52 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_config(
-    file: str | Path | None = None, overrides: dict[str, Any] | None = None
+    file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    explain: Callable[[str], None] | None = None,
 ) -> PretrainConfig:
-    """Defaults, then the TOML ``file``, then ``overrides`` (e.g. command-line options), validated."""
-    values = _defaults()
-    if file:
-        values.update(load_toml(file))
+    """Defaults, then the recipe, then the TOML ``file``, then ``overrides`` (the command line).
+
+    ``explain`` receives one line per value the recipe sets, with the reason.
+    """
+    explicit: dict[str, Any] = dict(load_toml(file)) if file else {}
     for key, value in (overrides or {}).items():
-        values[key] = coerce(key, value, "the options")
+        explicit[key] = coerce(key, value, "the options")
+    values = _defaults()
+    name = explicit.get("recipe", values["recipe"])
+    for key, (value, reason) in recipe_values(name, explicit).items():
+        if key in explicit:
+            continue
+        values[key] = coerce(key, value, f"recipe {name!r}")
+        if explain is not None:
+            shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            explain(f"recipe {name}: {key} = {shown}  ({reason})")
+    values.update(explicit)
     cfg = PretrainConfig(**values)
     validate(cfg)
     return cfg
+
+
+def recipe_values(name: str, explicit: dict[str, Any]) -> dict[str, tuple[Any, str]]:
+    """What recipe ``name`` sets, as ``{option: (value, reason)}``, for the data and epochs given."""
+    from dinocli.data import resolve_data
+    from dinocli.recipes import describe_data
+    from dinocli.registry import get_registry
+
+    entry = get_registry().get("recipes", name)
+    context: dict[str, Any] = {"epochs": explicit.get("epochs")}
+    if name != "reference" and explicit.get("data"):
+        stats = describe_data(resolve_data(explicit["data"]))
+        context.update(n_images=stats.n_images, image_size=stats.image_size)
+    try:
+        chosen = entry.factory(**context)
+    except Exception as exc:
+        raise UsageError(f"recipe {name!r} from plugin {entry.plugin!r} failed: {exc}") from exc
+    return {
+        key: value if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], str)
+        else (value, "")
+        for key, value in chosen.items()
+    }
 
 
 def validate(cfg: PretrainConfig) -> None:

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 import dinocli
-from dinocli.data import find_images
+from dinocli.data import find_images, resolve_data
 from dinocli.distributed import (
     ProcessGroup,
     agree_on_step,
@@ -75,15 +75,6 @@ class PretrainResult:
     last_loss: float
     skipped_images: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def resolve_data(data: str) -> Path:
-    """The image folder: ``demo`` is the built-in data set's training split."""
-    if data == "demo":
-        from dinocli.demo_data import demo_dataset
-
-        return demo_dataset() / "train"
-    return Path(data)
 
 
 def pretrain(cfg: PretrainConfig, display_rich: bool | None = None) -> PretrainResult:

@@ -1,0 +1,155 @@
+"""Built-in recipes: named sets of ``dino pretrain`` defaults (``--recipe NAME``).
+
+- ``reference``: the reference implementation's defaults, unchanged.
+- ``small-data``: for data sets of thousands to tens of thousands of small images (CIFAR-like,
+  32 px) and runs of tens of epochs, where the reference defaults learn nothing: a ViT-Tiny with
+  4-px patches on 32/16-px crops, fewer prototypes, a teacher momentum whose EMA horizon fits a
+  short run, and warm-ups fitted to the number of epochs.
+- ``auto``: scales every such choice from the data set's size, its image size and ``--epochs``,
+  and says why for each value.
+
+Options given in a config file or on the command line always override a recipe.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+import dinocli
+from dinocli.data import find_images
+
+#: Reference defaults for what the recipes change (so ``reference`` can say what it keeps).
+SMALL_DATA_EPOCHS = 30
+
+
+@dataclass(frozen=True)
+class DataStats:
+    """What ``auto`` needs to know about a data set."""
+
+    n_images: int
+    image_size: int  # median shorter side of a sample, in pixels
+
+
+def describe_data(root: str | Path, sample: int = 32) -> DataStats:
+    """Count the images under ``root`` and read the sizes of an even sample of them (headers only)."""
+    paths = find_images(root)
+    step = max(1, len(paths) // sample)
+    sides = []
+    for path in paths[::step][:sample]:
+        try:
+            with Image.open(path) as img:
+                sides.append(min(img.size))
+        except (OSError, ValueError):
+            continue
+    return DataStats(len(paths), int(statistics.median(sides)) if sides else 224)
+
+
+def _warmups(epochs: int) -> dict[str, tuple[Any, str]]:
+    return {
+        "warmup_epochs": (
+            min(10, max(1, epochs // 10)),
+            f"learning-rate warm-up of a tenth of the {epochs} epochs (at most the reference's 10)",
+        ),
+        "warmup_teacher_temp": (0.04, "teacher temperature warm-up starts at the reference's 0.04"),
+        "teacher_temp": (0.07, "and rises to 0.07, the paper's best setting"),
+        "warmup_teacher_temp_epochs": (
+            min(30, max(1, epochs // 3)),
+            f"over a third of the {epochs} epochs (the paper: 30 of 300)",
+        ),
+    }
+
+
+def momentum_for(iterations: int) -> float:
+    """Teacher momentum whose EMA horizon ``1 / (1 - m)`` is 1/40 of the run, between 25 and 250
+    iterations (250, i.e. the reference's 0.996, for long runs)."""
+    horizon = min(250.0, max(25.0, iterations / 40))
+    return round(1.0 - 1.0 / horizon, 4)
+
+
+def prototypes_for(n_images: int) -> int:
+    """About one prototype per two images, as a power of two between 1024 and 65536."""
+    return int(min(65536, max(1024, 2 ** round(math.log2(max(n_images, 2) / 2)))))
+
+
+def crops_for(image_size: int) -> dict[str, int]:
+    """Crop sizes and patch size for images whose shorter side is ``image_size`` pixels."""
+    if image_size < 64:
+        return {"global_crop_size": 32, "local_crop_size": 16, "patch_size": 4}
+    if image_size < 96:
+        return {"global_crop_size": 64, "local_crop_size": 32, "patch_size": 8}
+    if image_size < 224:
+        return {"global_crop_size": 96, "local_crop_size": 48, "patch_size": 8}
+    return {"global_crop_size": 224, "local_crop_size": 96, "patch_size": 16}
+
+
+def reference(**_: Any) -> dict[str, Any]:
+    """The reference implementation's defaults: nothing to change."""
+    return {}
+
+
+def small_data(epochs: int | None = None, **_: Any) -> dict[str, tuple[Any, str]]:
+    """Fixed choices for CIFAR-like data; the warm-ups follow ``epochs``."""
+    epochs = epochs or SMALL_DATA_EPOCHS
+    return {
+        "arch": ("vit_tiny", "a small backbone for thousands of images"),
+        "patch_size": (4, "4-px patches: 64 tokens on a 32-px crop"),
+        "global_crop_size": (32, "32-px global crops for small images"),
+        "local_crop_size": (16, "16-px local crops"),
+        "local_crops_number": (6, "6 local crops"),
+        "global_crops_scale": ((0.35, 1.0), "global crops keep at least 35 % of a small image"),
+        "local_crops_scale": ((0.1, 0.35), "local crops of 10-35 %: smaller ones are mostly blur at 32 px"),
+        "out_dim": (4096, "4096 prototypes for thousands of images (65536 is for ImageNet)"),
+        "momentum_teacher": (0.99, "teacher EMA horizon of 100 iterations, which fits a short run"),
+        "lr": (0.002, "4x the reference's learning rate for a short run"),
+        "drop_path_rate": (0.0, "no stochastic depth for a tiny model and a short run"),
+        "epochs": (epochs, "the run length the warm-ups are fitted to"),
+        **_warmups(epochs),
+    }
+
+
+def auto(
+    n_images: int = 0, image_size: int = 224, epochs: int | None = None, **_: Any
+) -> dict[str, tuple[Any, str]]:
+    """Every choice scaled from the data set (``n_images``, ``image_size``) and ``epochs``."""
+    epochs = epochs or 100
+    batch = 64
+    iterations = epochs * max(1, n_images // batch)
+    small = n_images < 100_000
+    crops = crops_for(image_size)
+    values: dict[str, tuple[Any, str]] = {
+        "arch": (
+            "vit_tiny" if small else "vit_small",
+            f"{n_images} images: " + ("ViT-Tiny for fewer than 100k images" if small else "ViT-Small, as the paper"),
+        ),
+        "patch_size": (crops["patch_size"], f"images of about {image_size} px"),
+        "global_crop_size": (crops["global_crop_size"], f"images of about {image_size} px"),
+        "local_crop_size": (crops["local_crop_size"], "half the global crop (96 for 224-px crops)"),
+        "out_dim": (prototypes_for(n_images), f"about one prototype per two of the {n_images} images"),
+        "momentum_teacher": (
+            momentum_for(iterations),
+            f"teacher EMA horizon of 1/40 of the run's ~{iterations} iterations (25 to 250)",
+        ),
+        "drop_path_rate": ((0.0, "no stochastic depth for small data") if small
+                           else (0.1, "the reference's stochastic depth")),
+    }
+    if small:
+        values["lr"] = (0.002, "4x the reference's learning rate for small data")
+        values["local_crops_number"] = (6, "6 local crops")
+        if image_size < 96:
+            values["global_crops_scale"] = ((0.35, 1.0), "global crops keep at least 35 % of a small image")
+            values["local_crops_scale"] = ((0.1, 0.35), "local crops of 10-35 % of a small image")
+        values.update(_warmups(epochs))
+    return values
+
+
+@dinocli.hookimpl
+def dinocli_register_recipes(register) -> None:
+    register("reference", reference, description="the reference implementation's defaults")
+    register("small-data", small_data, description="thousands of small images, tens of epochs")
+    register("auto", auto, description="scaled from the data set's size, image size and --epochs")

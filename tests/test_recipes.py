@@ -1,0 +1,106 @@
+"""Recipes: complete configurations, explicit options win, auto scales as documented."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import dinocli
+from dinocli.errors import UsageError
+from dinocli.recipes import auto, crops_for, describe_data, momentum_for, prototypes_for, small_data
+from dinocli.train import resolve_config
+from dinocli.train.config import FIELDS
+
+
+@pytest.fixture()
+def small_images(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    return root
+
+
+def test_builtin_recipes_are_registered_through_entry_points():
+    assert {"reference", "small-data", "auto"} <= set(dinocli.registry.list_recipes())
+    assert dinocli.get_registry().get("recipes", "auto").plugin == "recipes"
+
+
+@pytest.mark.parametrize("name", ["reference", "small-data", "auto"])
+def test_each_recipe_resolves_to_a_complete_valid_configuration(name, small_images, tmp_path):
+    cfg = resolve_config(overrides={"recipe": name, "data": str(small_images), "output": str(tmp_path / "r")})
+    assert cfg.recipe == name
+    for key in FIELDS:
+        assert getattr(cfg, key) is not None
+
+
+def test_reference_recipe_changes_nothing(small_images):
+    base = {"data": str(small_images), "output": "run"}
+    assert resolve_config(overrides={**base, "recipe": "reference"}) == resolve_config(overrides=base)
+
+
+def test_explicit_options_override_the_recipe(small_images, tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("out_dim = 777\n")
+    lines = []
+    cfg = resolve_config(
+        toml, {"recipe": "small-data", "data": str(small_images), "output": "r", "lr": 0.01},
+        explain=lines.append,
+    )
+    assert (cfg.out_dim, cfg.lr) == (777, 0.01)  # file and command line beat the recipe
+    assert (cfg.arch, cfg.patch_size, cfg.momentum_teacher) == ("vit_tiny", 4, 0.99)  # from it
+    assert not any("out_dim" in line or " lr " in line for line in lines)
+    assert any(line.startswith("recipe small-data: momentum_teacher = 0.99") for line in lines)
+
+
+def test_small_data_fits_warmups_to_the_epochs():
+    values = {k: v for k, (v, _) in small_data(epochs=12).items()}
+    assert values["epochs"] == 12
+    assert values["warmup_epochs"] == 1 and values["warmup_teacher_temp_epochs"] == 4
+    long = {k: v for k, (v, _) in small_data(epochs=300).items()}
+    assert long["warmup_epochs"] == 10 and long["warmup_teacher_temp_epochs"] == 30
+
+
+@pytest.mark.parametrize(
+    "n_images, prototypes, momentum",
+    [
+        (1_000, 1024, 0.96),        # 30 epochs x 15 iterations: horizon at its floor of 25
+        (10_000, 4096, 0.9915),     # 30 x 156 = 4680 iterations: horizon 117
+        (1_000_000, 65536, 0.996),  # ImageNet-sized: the reference's values
+    ],
+)
+def test_auto_scales_prototypes_and_momentum(n_images, prototypes, momentum):
+    values = {k: v for k, (v, _) in auto(n_images=n_images, image_size=32, epochs=30).items()}
+    assert values["out_dim"] == prototypes
+    assert values["momentum_teacher"] == pytest.approx(momentum, abs=1e-4)
+    horizon = 1 / (1 - values["momentum_teacher"])
+    iterations = 30 * (n_images // 64)
+    assert horizon == pytest.approx(min(250, max(25, iterations / 40)), rel=1e-2)
+    assert values["arch"] == ("vit_small" if n_images >= 100_000 else "vit_tiny")
+
+
+def test_auto_gives_every_choice_a_reason_and_picks_crops_from_image_size():
+    for value, reason in auto(n_images=5000, image_size=500, epochs=100).values():
+        assert reason
+    assert crops_for(32) == {"global_crop_size": 32, "local_crop_size": 16, "patch_size": 4}
+    assert crops_for(500)["global_crop_size"] == 224 and crops_for(500)["patch_size"] == 16
+    assert prototypes_for(2) == 1024 and momentum_for(10**9) == 0.996
+
+
+def test_auto_reads_the_data_set(small_images, tmp_path):
+    stats = describe_data(small_images)
+    assert (stats.n_images, stats.image_size) == (12, 32)
+    lines = []
+    cfg = resolve_config(
+        overrides={"recipe": "auto", "data": str(small_images), "output": str(tmp_path), "epochs": 5},
+        explain=lines.append,
+    )
+    assert (cfg.global_crop_size, cfg.patch_size, cfg.out_dim) == (32, 4, 1024)
+    assert any("12 images" in line for line in lines)
+
+
+def test_unknown_recipe_suggests_the_closest(small_images):
+    with pytest.raises(UsageError, match="Did you mean 'small-data'"):
+        resolve_config(overrides={"recipe": "small_data", "data": str(small_images), "output": "r"})
