@@ -344,9 +344,15 @@ def test_operation_frequencies_per_view():
 def test_blur_sigma_and_jitter_factor_ranges():
     samples = sample_many(small_aug(n_local=4), 4000)
     views = [p for s in samples for p in s]
-    sigma = np.array([p.blur_sigma for p in views if p.blur_sigma is not None])
-    assert sigma.min() >= 0.1 and sigma.max() <= 2.0
+    # Sigmas are in pixels: the reference's 0.1-2.0 (for 224-px crops) scales with 32-px crops.
+    factor = 32 / 224
+    sigma = np.array([p.blur_sigma for p in views if p.blur_sigma is not None]) / factor
+    assert sigma.min() >= 0.1 - 1e-9 and sigma.max() <= 2.0 + 1e-9
     np.testing.assert_allclose(np.quantile(sigma, [0.01, 0.5, 0.99]), [0.119, 1.05, 1.981], atol=0.03)
+    reference = dinocli.create_augmentation("dino")
+    assert all(spec.blur_sigma == (0.1, 2.0) for spec in reference.specs)
+    given = dinocli.create_augmentation("dino", global_crop_size=32, blur_sigma=(0.5, 1.0))
+    assert all(spec.blur_sigma == (0.5, 1.0) for spec in given.specs)
     jit = [p.jitter for p in views if p.jitter is not None]
     ranges = {"brightness": (0.6, 1.4), "contrast": (0.6, 1.4), "saturation": (0.8, 1.2), "hue": (-0.1, 0.1)}
     q = np.array([0.01, 0.5, 0.99])

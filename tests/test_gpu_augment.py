@@ -102,7 +102,9 @@ def test_blur_close_to_pil(photo, sigma):
 
 
 def random_params(n: int, seed: int) -> list[ViewParams]:
-    aug = dinocli.create_augmentation("dino", global_crop_size=24, local_crop_size=24, local_crops_number=n - 2)
+    aug = dinocli.create_augmentation(
+        "dino", global_crop_size=24, local_crop_size=24, local_crops_number=n - 2, blur_sigma=(0.1, 2.0)
+    )  # the reference's blur sigmas, whatever the crop size, to cover the whole range
     return aug.sample(48, 64, torch.Generator().manual_seed(seed))
 
 

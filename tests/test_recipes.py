@@ -58,9 +58,9 @@ def test_explicit_options_override_the_recipe(small_images, tmp_path):
 def test_small_data_fits_warmups_to_the_epochs():
     values = {k: v for k, (v, _) in small_data(epochs=12).items()}
     assert values["epochs"] == 12
-    assert values["warmup_epochs"] == 1 and values["warmup_teacher_temp_epochs"] == 4
+    assert values["warmup_epochs"] == 1 and values["teacher_temp"] == 0.04
     long = {k: v for k, (v, _) in small_data(epochs=300).items()}
-    assert long["warmup_epochs"] == 10 and long["warmup_teacher_temp_epochs"] == 30
+    assert long["warmup_epochs"] == 10
 
 
 @pytest.mark.parametrize(

@@ -56,6 +56,7 @@ class DinoMultiCrop:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         pil_resize: bool = False,
+        blur_sigma: Sequence[float] | None = None,
     ) -> None:
         g_scale = _scale("global_crops_scale", global_crops_scale)
         l_scale = _scale("local_crops_scale", local_crops_scale)
@@ -67,10 +68,13 @@ class DinoMultiCrop:
         self.pil_resize = bool(pil_resize)
         if min(self.std) <= 0:
             raise UsageError(f"std must be positive, got {list(self.std)}")
+        # Blur sigmas are in pixels: the reference's 0.1-2.0 is for 224-px crops, and is scaled down
+        # with smaller global crops (at 32 px it would erase the image). Unchanged at 224 px.
+        sigma = _scale_sigma(blur_sigma, g_size)
         self.specs: tuple[ViewSpec, ...] = (
-            ViewSpec(size=g_size, scale=g_scale, blur_p=1.0),
-            ViewSpec(size=g_size, scale=g_scale, blur_p=0.1, solarize_p=0.2),
-        ) + (ViewSpec(size=l_size, scale=l_scale, blur_p=0.5),) * self.n_local
+            ViewSpec(size=g_size, scale=g_scale, blur_p=1.0, blur_sigma=sigma),
+            ViewSpec(size=g_size, scale=g_scale, blur_p=0.1, solarize_p=0.2, blur_sigma=sigma),
+        ) + (ViewSpec(size=l_size, scale=l_scale, blur_p=0.5, blur_sigma=sigma),) * self.n_local
 
     def sample(self, height: int, width: int, generator: torch.Generator) -> list[ViewParams]:
         """The random parameters of every view of a ``height x width`` image."""
@@ -172,7 +176,7 @@ def build(**kwargs: Any) -> DinoMultiCrop:
     """Factory of the ``dino`` augmentation; unknown keyword arguments are ignored."""
     known = (
         "global_crops_scale", "local_crops_scale", "local_crops_number",
-        "global_crop_size", "local_crop_size", "mean", "std", "pil_resize",
+        "global_crop_size", "local_crop_size", "mean", "std", "pil_resize", "blur_sigma",
     )  # fmt: skip
     return DinoMultiCrop(**{k: v for k, v in kwargs.items() if k in known and v is not None})
 
@@ -180,6 +184,17 @@ def build(**kwargs: Any) -> DinoMultiCrop:
 @dinocli.hookimpl
 def dinocli_register_augmentations(register) -> None:
     register("dino", build, description="DINO multi-crop: 2 global + N local crops (Caron et al. 2021)")
+
+
+def _scale_sigma(blur_sigma: Sequence[float] | None, global_crop_size: int) -> tuple[float, float]:
+    """The blur sigma range: given, or the reference's (0.1, 2.0) scaled by ``min(1, size / 224)``."""
+    if blur_sigma is not None:
+        lo, hi = (float(v) for v in blur_sigma)
+        if not 0 < lo <= hi:
+            raise UsageError(f"blur_sigma must satisfy 0 < min <= max, got {lo} {hi}")
+        return lo, hi
+    factor = min(1.0, global_crop_size / 224)
+    return 0.1 * factor, 2.0 * factor
 
 
 def _scale(name: str, value: Sequence[float]) -> tuple[float, float]:
