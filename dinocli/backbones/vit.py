@@ -179,11 +179,8 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(x)
         x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
         x = x + self.interpolate_pos_encoding(x.shape[1] - 1, h, w)
-        device = x.device.type
-        if torch.is_autocast_enabled(device):
-            # Keep the residual stream in the autocast dtype: without this every linear layer
-            # casts its input from fp32 again, and the casts cost more than bf16 saves on CPUs.
-            x = x.to(torch.get_autocast_dtype(device))
+        if not torch.jit.is_scripting():
+            x = _to_autocast_dtype(x)
         return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -213,6 +210,15 @@ class VisionTransformer(nn.Module):
             if len(self.blocks) - i <= n:
                 outputs.append(self.norm(x))
         return outputs
+
+
+def _to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """Keep the residual stream in the autocast dtype: otherwise every linear layer casts its input
+    from fp32 again, and on CPUs the casts cost more than bf16 saves. A no-op outside autocast."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from dinocli.cli.app import command
+from dinocli.cli.options import Arch, CheckpointKey, Device, PatchSize
 from dinocli.data import find_images
 from dinocli.errors import UsageError
 
@@ -27,15 +28,9 @@ def attn_maps_command(
         Path, typer.Option("--weights", "-w", help="Checkpoint, reference .pth or safetensors file.")
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the pictures to.")],
-    checkpoint_key: Annotated[
-        str, typer.Option("--checkpoint-key", help="Which weights of a training checkpoint.")
-    ] = "teacher",
-    arch: Annotated[
-        str | None, typer.Option("--arch", help="Backbone name, when the file does not say.")
-    ] = None,
-    patch_size: Annotated[
-        int | None, typer.Option("--patch-size", help="Patch size, when the file does not say.")
-    ] = None,
+    checkpoint_key: CheckpointKey = "teacher",
+    arch: Arch = None,
+    patch_size: PatchSize = None,
     image_size: Annotated[
         str,
         typer.Option(
@@ -62,7 +57,7 @@ def attn_maps_command(
         str, typer.Option("--upsample", help="Upsampling of the maps to the image: nearest or bilinear.")
     ] = "nearest",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 4,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Device = "auto",
 ) -> None:
     """Show what each attention head of a ViT looks at: maps, masks, overlays and an index page."""
     from dinocli.visualize import load_attention_backbone, resolve_size, write_attention_report

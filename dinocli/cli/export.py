@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from dinocli.cli.app import command
+from dinocli.cli.options import Arch, CheckpointKey, PatchSize
 
 
 @command(name="export", rich_help_panel="Models")
@@ -22,20 +23,14 @@ def export_command(
     file_format: Annotated[
         str, typer.Option("--format", "-f", help="safetensors, torchscript or onnx.")
     ] = "safetensors",
-    checkpoint_key: Annotated[
-        str, typer.Option("--checkpoint-key", help="Which weights of a training checkpoint: teacher or student.")
-    ] = "teacher",
+    checkpoint_key: CheckpointKey = "teacher",
     include_head: Annotated[
         bool, typer.Option("--include-head", help="Also store the projection head (safetensors only).")
     ] = False,
     dtype: Annotated[str, typer.Option("--dtype", help="fp32, fp16 or bf16 (ONNX: fp32 or fp16).")] = "fp32",
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists.")] = False,
-    arch: Annotated[
-        str | None, typer.Option("--arch", help="Backbone name, when the file does not say.")
-    ] = None,
-    patch_size: Annotated[
-        int | None, typer.Option("--patch-size", help="Patch size, when the file does not say.")
-    ] = None,
+    arch: Arch = None,
+    patch_size: PatchSize = None,
 ) -> None:
     """Export a backbone as safetensors, TorchScript or ONNX, checked against PyTorch before it is written.
 

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from dinocli.cli.app import command
+from dinocli.cli.options import Arch, CheckpointKey, Device, PatchSize, Precision
 from dinocli.errors import UsageError
 
 PANEL = "Evaluate"
@@ -20,11 +21,6 @@ Weights = Annotated[
     Path | None,
     typer.Option("--weights", "-w", help="Checkpoint or exported backbone (anything load_backbone reads)."),
 ]
-CheckpointKey = Annotated[
-    str, typer.Option("--checkpoint-key", help="Which network of a training checkpoint: teacher or student.")
-]
-Arch = Annotated[str | None, typer.Option("--arch", help="Backbone name, where the file does not say it.")]
-PatchSize = Annotated[int | None, typer.Option("--patch-size", help="ViT patch size, where the file does not say it.")]
 RandomInit = Annotated[
     bool, typer.Option("--random-init", help="Evaluate a randomly initialised --arch (a baseline).")
 ]
@@ -47,10 +43,6 @@ BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Images per f
 NumWorkers = Annotated[
     int | None, typer.Option("--num-workers", help="Image-decoding processes \\[default: cores - 1, at most 8].")
 ]
-Precision = Annotated[
-    str, typer.Option("--precision", help="auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16.")
-]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 
 
 @command(name="extract", rich_help_panel=PANEL)

@@ -1,0 +1,23 @@
+"""Options that several commands share, declared once (``Annotated`` aliases for Typer)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+CheckpointKey = Annotated[
+    str, typer.Option("--checkpoint-key", help="Which network of a training checkpoint: teacher or student.")
+]
+Arch = Annotated[str | None, typer.Option("--arch", help="Backbone name, where the file does not say it.")]
+PatchSize = Annotated[
+    int | None, typer.Option("--patch-size", help="ViT patch size, where the file does not say it.")
+]
+Precision = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="auto (bf16 on GPUs and CPUs with native bf16, else fp32), fp32, bf16 or fp16 (CUDA).",
+    ),
+]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
