@@ -82,6 +82,6 @@ def dinocli_register_recipes(register: Register) -> None:
     command line override the recipe's values.
 
     Keyword arguments dinocli passes: ``n_images`` (images found under ``--data``), ``image_size``
-    (median shorter side of a sample of them, in pixels) and ``epochs`` (the ``--epochs`` the user
-    gave, or ``None``).
+    (median shorter side of a sample of them, in pixels), both ``None`` when ``--data`` is not an
+    existing folder, and ``epochs`` (the ``--epochs`` the user gave, or ``None``).
     """

@@ -23,6 +23,7 @@ from PIL import Image
 
 import dinocli
 from dinocli.data import find_images
+from dinocli.errors import UsageError
 
 #: Reference defaults for what the recipes change (so ``reference`` can say what it keeps).
 SMALL_DATA_EPOCHS = 30
@@ -114,9 +115,11 @@ def small_data(epochs: int | None = None, **_: Any) -> dict[str, tuple[Any, str]
 
 
 def auto(
-    n_images: int = 0, image_size: int = 224, epochs: int | None = None, **_: Any
+    n_images: int | None = None, image_size: int | None = None, epochs: int | None = None, **_: Any
 ) -> dict[str, tuple[Any, str]]:
     """Every choice scaled from the data set (``n_images``, ``image_size``) and ``epochs``."""
+    if not n_images or not image_size:
+        raise UsageError("--recipe auto needs an image folder as --data to scale from")
     epochs = epochs or 100
     batch = 64
     iterations = epochs * max(1, n_images // batch)

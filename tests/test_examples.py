@@ -26,6 +26,8 @@ def test_paper_recipes_have_their_distinctive_settings():
     boosted = load_toml(EXAMPLES / "vit_small_300ep.toml")
     assert (boosted["teacher_temp"], boosted["warmup_teacher_temp_epochs"], boosted["epochs"]) == (0.07, 30, 300)
     assert load_toml(EXAMPLES / "vit_base_16.toml")["arch"] == "vit_base"
+    small = resolve_config(EXAMPLES / "small_images_32px.toml", {"data": "images", "output": "run"})
+    assert (small.arch, small.patch_size, small.global_crop_size, small.epochs) == ("vit_tiny", 4, 32, 30)
 
 
 def test_api_example_imports():

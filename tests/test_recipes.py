@@ -104,3 +104,8 @@ def test_auto_reads_the_data_set(small_images, tmp_path):
 def test_unknown_recipe_suggests_the_closest(small_images):
     with pytest.raises(UsageError, match="Did you mean 'small-data'"):
         resolve_config(overrides={"recipe": "small_data", "data": str(small_images), "output": "r"})
+
+
+def test_auto_needs_an_existing_data_folder(tmp_path):
+    with pytest.raises(UsageError, match="--recipe auto needs an image folder"):
+        resolve_config(overrides={"recipe": "auto", "data": str(tmp_path / "absent"), "output": "r"})

@@ -103,7 +103,7 @@ class PretrainConfig:
     )
     saveckp_freq: int = _opt(20, "Keep checkpoint{epoch:04d}.pth every N epochs; 0 never.", RUN)
     seed: int = _opt(0, "Random seed: data order, augmentation and initialisation.", RUN)
-    num_workers: int = _opt(-1, "Data-loading processes; -1 picks min(10, CPU count).", RUN)
+    num_workers: int = _opt(-1, "Data-loading processes; -1 picks min(10, CPU count - 1), at least 1.", RUN)
     precision: str = _opt(
         "auto",
         "auto, fp32, bf16 or fp16 (fp16 with a gradient scaler, CUDA only). auto: bf16 on CUDA "
@@ -225,9 +225,10 @@ def recipe_values(name: str, explicit: dict[str, Any]) -> dict[str, tuple[Any, s
     from dinocli.registry import get_registry
 
     entry = get_registry().get("recipes", name)
-    context: dict[str, Any] = {"epochs": explicit.get("epochs")}
-    if name != "reference" and explicit.get("data"):
-        stats = describe_data(resolve_data(explicit["data"]))
+    context: dict[str, Any] = {"epochs": explicit.get("epochs"), "n_images": None, "image_size": None}
+    data = resolve_data(explicit["data"]) if name != "reference" and explicit.get("data") else None
+    if data is not None and data.is_dir():
+        stats = describe_data(data)
         context.update(n_images=stats.n_images, image_size=stats.image_size)
     try:
         chosen = entry.factory(**context)

@@ -186,12 +186,12 @@ class Trainer:
         if self.iters_per_epoch == 0:
             raise UsageError(
                 f"{len(self.paths)} images are fewer than one global batch of "
-                f"{cfg.batch_size * group.world_size}; lower --batch-size"
+                f"{self.global_batch}; lower --batch-size"
             )
         self.schedules: Schedules = build_schedules(
             lr=cfg.lr,
             min_lr=cfg.min_lr,
-            global_batch=cfg.batch_size * group.world_size,
+            global_batch=self.global_batch,
             weight_decay=cfg.weight_decay,
             weight_decay_end=cfg.weight_decay_end,
             momentum_teacher=cfg.momentum_teacher,
@@ -240,7 +240,9 @@ class Trainer:
             self.paths, self.augmentation, seed=self.cfg.seed, on_bad_image=self.cfg.on_bad_image,
             defer_colour=self.cfg.augment_on == "gpu",  # colour ops batched on the device in step()
         )
-        workers = self.cfg.num_workers if self.cfg.num_workers >= 0 else min(10, os.cpu_count() or 1)
+        workers = self.cfg.num_workers
+        if workers < 0:  # leave a core to the training process
+            workers = max(1, min(10, (os.cpu_count() or 2) - 1))
         return DataLoader(
             self.dataset,
             batch_size=self.cfg.batch_size,
