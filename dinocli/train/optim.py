@@ -70,7 +70,7 @@ class LARS(torch.optim.Optimizer):
 def build_optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
     """``adamw`` (the default), ``sgd`` (momentum 0.9) or ``lars``; lr and wd are set per iteration."""
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=0.0, foreach=True)
+        return torch.optim.AdamW(groups, lr=0.0, fused=True)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=0.0, momentum=0.9, foreach=True)
     if name == "lars":
