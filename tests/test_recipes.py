@@ -109,3 +109,20 @@ def test_unknown_recipe_suggests_the_closest(small_images):
 def test_auto_needs_an_existing_data_folder(tmp_path):
     with pytest.raises(UsageError, match="--recipe auto needs an image folder"):
         resolve_config(overrides={"recipe": "auto", "data": str(tmp_path / "absent"), "output": "r"})
+
+
+def test_cli_prints_each_recipe_choice_before_training(small_images, tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "dinocli", "pretrain", "--recipe", "auto", "--data", str(small_images),
+         "--output", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "4", "--out-dim", "32",
+         "--local-crops-number", "2", "--num-workers", "0", "--precision", "fp32", "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    first_training_line = proc.stderr.index("# dinocli pretrain configuration")
+    explained = proc.stderr[:first_training_line]
+    assert "recipe auto: momentum_teacher = " in explained and "(teacher EMA horizon" in explained
+    assert "recipe auto: out_dim" not in explained  # given on the command line: no recipe choice

@@ -50,12 +50,14 @@ def pretrain_command(**options: Any) -> None:
     config_file = options.pop("config")
     nproc_per_node = options.pop("nproc_per_node")
     overrides = {k: v for k, v in options.items() if v is not None}
-    cfg = resolve_config(config_file, overrides)
+    main_process = os.environ.get("RANK", "0") == "0"
+    explain = (lambda line: typer.echo(line, err=True)) if main_process else None
+    cfg = resolve_config(config_file, overrides, explain=explain)
     if nproc_per_node is not None and nproc_per_node != 1:
         _launch(cfg, nproc_per_node)
         return
     result = pretrain(cfg)
-    if os.environ.get("RANK", "0") != "0":
+    if not main_process:
         return  # under torchrun, the first process reports
     typer.echo(
         f"trained {result.epochs} epoch(s), {result.iterations} iterations; "
