@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dinocli.data import image_folder
+from dinocli.data import image_folder, open_rgb
 from dinocli.demo_data import demo_dataset
 from dinocli.registry import create_backbone
 from dinocli.train import PretrainResult, pretrain, resolve_config
@@ -90,8 +90,10 @@ def run_demo(
     if attention_images > 0 and getattr(trained, "supports_attention", False):
         from dinocli.visualize.report import write_attention_report
 
-        paths, labels, _ = image_folder(data / "val")
-        picks = [paths[labels.index(c)] for c in sorted(set(labels))][:attention_images]
+        paths, labels, classes = image_folder(data / "val")
+        picks = [
+            (classes[c], open_rgb(paths[labels.index(c)])) for c in sorted(set(labels))
+        ][:attention_images]
         report = write_attention_report(
             trained, picks, output / "attention", image_size=(size * 4, size * 4),
             threshold=0.6, title="dinocli demo: last-block attention of the pretrained teacher",
