@@ -29,6 +29,7 @@ from dinocli.registry import (  # noqa: E402
     list_augmentations,
     list_backbones,
     list_collapse_strategies,
+    list_recipes,
 )
 from dinocli.weights import load_backbone  # noqa: E402
 
@@ -47,5 +48,6 @@ __all__ = [
     "list_augmentations",
     "list_backbones",
     "list_collapse_strategies",
+    "list_recipes",
     "load_backbone",
 ]

@@ -24,7 +24,7 @@ def small_images(tmp_path):
 
 
 def test_builtin_recipes_are_registered_through_entry_points():
-    assert {"reference", "small-data", "auto"} <= set(dinocli.registry.list_recipes())
+    assert {"reference", "small-data", "auto"} <= set(dinocli.list_recipes())
     assert dinocli.get_registry().get("recipes", "auto").plugin == "recipes"
 
 
