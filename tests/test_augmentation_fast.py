@@ -57,21 +57,6 @@ def test_fast_path_is_close_to_the_exact_reference_path():
     assert max(per_view) < 2.0 and np.mean(per_view) < 1.0, (max(per_view), np.mean(per_view))
 
 
-def test_grayscale_and_flip_frequencies_in_the_pixels():
-    aug = dinocli.create_augmentation("dino", global_crop_size=12, local_crop_size=8, local_crops_number=2)
-    colourful = make_rgb_image(32, 32, seed=5)
-    ramp = Image.fromarray(np.tile(np.linspace(0, 100, 64).astype(np.uint8), (32, 1))).convert("RGB")
-    n, gray, flips = 300, 0, 0
-    g = torch.Generator().manual_seed(11)
-    for _ in range(n):
-        views = aug(colourful, g)
-        gray += sum(bool(torch.equal(to_levels(v)[0], to_levels(v)[1])) for v in views)
-        first = aug(ramp, g)[0][0]
-        flips += bool(first[:, :6].mean() > first[:, 6:].mean())
-    assert binomial_ok(gray, 4 * n, 0.2)
-    assert binomial_ok(flips, n, 0.5)
-
-
 def test_solarisation_only_on_the_second_global_view_with_probability_0_2():
     """A constant level-250 image stays >= 150 through jitter, grey and blur, so a view is
     solarised exactly when its level ends below 128."""
