@@ -98,6 +98,63 @@ def test_blur_close_to_pil(photo, sigma):
     assert d.mean() < 1.0 and torch.quantile(d.flatten(), 0.99) <= 3, (d.mean(), d.max())
 
 
+# --- against independent formulas (float64, one pixel or one view at a time) -----------------
+
+
+def test_hue_equals_colorsys_rotation():
+    """``colorsys`` HSV, hue shifted by ``int(f * 255) / 255`` turns, back to RGB, rounded: equal
+    up to a level where float32 meets a .5 boundary, on every sort of pixel (ties, greys)."""
+    import colorsys
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 256, (4, 3, 12, 12), generator=g).float()
+    x[:, 1, :3] = x[:, 0, :3]  # R == G ties
+    x[:, :, 3:5] = x[:, :1, 3:5]  # greys
+    factors = torch.tensor([-0.1, -0.0371, 0.0025, 0.0999], dtype=torch.float64)
+    ours = gpu.adjust_hue(x.clone(), factors)
+    for i, f in enumerate(factors.tolist()):
+        turn = int(f * 255) / 255
+        pixels = x[i].permute(1, 2, 0).reshape(-1, 3).tolist()
+        hsv = [colorsys.rgb_to_hsv(*(c / 255 for c in p)) for p in pixels]
+        want = [[round(c * 255) for c in colorsys.hsv_to_rgb((h + turn) % 1.0, s, v)] for h, s, v in hsv]
+        got = ours[i].permute(1, 2, 0).reshape(-1, 3)
+        d = (got - torch.tensor(want, dtype=torch.float32)).abs()
+        assert d.max() <= 1 and (d > 0).float().mean() < 0.01, (f, d.max())
+
+
+def reference_blur(view: np.ndarray, sigma: float) -> np.ndarray:
+    """Direct 2-d convolution of one ``[C, H, W]`` view with the separable PIL kernel, edges
+    extended, float64."""
+    k = gpu.pil_blur_kernel(sigma).numpy()
+    half = len(k) // 2
+    padded = np.pad(view, ((0, 0), (half, half), (half, half)), mode="edge")
+    h, w = view.shape[1:]
+    out = np.zeros(view.shape)
+    for i, ki in enumerate(k):
+        for j, kj in enumerate(k):
+            out += ki * kj * padded[:, i : i + h, j : j + w]
+    return np.round(out)
+
+
+def test_blur_of_views_with_kernels_of_different_lengths():
+    """Short (sigma < 1.41) and long kernels in one batch, and views left alone (sigma 0)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(0, 256, (5, 3, 10, 13), generator=g).float()
+    sigmas = [0.3, 1.9, 0.0, 1.2, 1.5]
+    out = gpu._blur_where(x.clone(), sigmas)
+    for i, s in enumerate(sigmas):
+        want = reference_blur(x[i].double().numpy(), s) if s > 0 else x[i].numpy()
+        d = np.abs(out[i].numpy() - want)
+        assert d.max() <= 1 and (d > 0).mean() < 0.01, (s, d.max())
+    torch.testing.assert_close(out[[0, 3, 4]], gpu.gaussian_blur(x[[0, 3, 4]], torch.tensor([0.3, 1.2, 1.5])))
+
+
+def test_solarize_is_its_definition():
+    x = torch.arange(256.0).view(1, 1, 16, 16).expand(1, 3, 16, 16)
+    want = torch.where(x >= 128, 255 - x, x)
+    assert torch.equal(gpu.solarize(x), want)
+
+
 # --- batching with per-view parameters ---------------------------------------------------------
 
 

@@ -14,8 +14,12 @@ The operations and their order are torchvision's (``ColorJitter`` with a random 
 - hue: a rotation of the HSV hue by ``int(h * 255) / 255`` turns, as PIL shifts it (value and
   saturation kept), in continuous arithmetic where PIL quantises hue and saturation to 8 bits;
 - Gaussian blur: the exact kernel of PIL's ``GaussianBlur(radius=sigma)`` (three extended box
-  filters, Gwosdek et al. 2011), applied as one separable convolution with edges extended;
-- solarisation: levels ``>= 128`` (after rounding) become ``255 - level``.
+  filters, Gwosdek et al. 2011), applied as one separable convolution with edges extended; views
+  are grouped by kernel length, so small sigmas use the 7-tap kernel;
+- solarisation: levels ``>= 128`` (after rounding) become ``255 - level``, i.e. ``min(x, 255 - x)``.
+
+On CPUs the cost is the number of passes over the pixels, so each operation avoids temporaries,
+bool-to-float conversions and ``torch.where`` (slow there).
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ from dinocli.augmentations.params import ViewParams
 GREY_WEIGHTS = (0.299, 0.587, 0.114)
 #: Box-filter passes of PIL's Gaussian blur.
 BLUR_PASSES = 3
-SOLARIZE_THRESHOLD = 127.5  # a level rounds to >= 128
 
 
 @dataclass(frozen=True)
@@ -59,22 +62,16 @@ class ColourParams:
     @staticmethod
     def from_views(params: Sequence[ViewParams]) -> ColourParams:
         """The colour parameters of the views ``params`` (from ``DinoMultiCrop.sample``)."""
-        n = len(params)
-        order = torch.zeros((n, 4), dtype=torch.int64)
-        factors = torch.tensor([[1.0, 1.0, 1.0, 0.0]] * n, dtype=torch.float64).reshape(n, 4)
-        for i, p in enumerate(params):
-            if p.jitter is not None:
-                order[i] = torch.tensor(p.jitter.order)
-                j = p.jitter
-                factors[i] = torch.tensor([j.brightness, j.contrast, j.saturation, j.hue])
+        n, js = len(params), [p.jitter for p in params]
         return ColourParams(
-            jitter=torch.tensor([p.jitter is not None for p in params], dtype=torch.bool),
-            order=order,
-            factors=factors,
+            jitter=torch.tensor([j is not None for j in js], dtype=torch.bool),
+            order=torch.tensor([j.order if j else (0, 0, 0, 0) for j in js], dtype=torch.int64).reshape(n, 4),
+            factors=torch.tensor(
+                [(j.brightness, j.contrast, j.saturation, j.hue) if j else (1.0, 1.0, 1.0, 0.0) for j in js],
+                dtype=torch.float64,
+            ).reshape(n, 4),
             grayscale=torch.tensor([p.grayscale for p in params], dtype=torch.bool),
-            blur_sigma=torch.tensor(
-                [p.blur_sigma or 0.0 for p in params], dtype=torch.float64
-            ).reshape(n),
+            blur_sigma=torch.tensor([p.blur_sigma or 0.0 for p in params], dtype=torch.float64).reshape(n),
             solarize=torch.tensor([p.solarize for p in params], dtype=torch.bool),
         )
 
@@ -129,25 +126,28 @@ def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Rotate the HSV hue by ``int(factor * 255) / 255`` turns; value and saturation are kept.
 
-    Each channel of the result is ``min + chroma * clamp(|k - 2| - 1, 0, 1)`` with
-    ``k = (hue_sixths + shift + n) mod 6`` (``n`` = 5, 3, 1 for R, G, B).
+    With the hue ``H`` in sixths of a turn, each channel of the result is
+    ``min + chroma * clamp(d - 1, 0, 1)`` where ``d`` is the distance of ``H + shift + n - 2``
+    to the nearest multiple of 6 (``n`` = 5, 3, 1 for R, G, B): the usual HSV-to-RGB formula,
+    written ``d = ||H + o| - 3|`` with ``o`` the channel's offset reduced to ``[-5, 1)``.
     """
     r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
-    mx = torch.maximum(torch.maximum(r, g), b)
-    mn = torch.minimum(torch.minimum(r, g), b)
+    mx = torch.maximum(r, g)
+    torch.maximum(mx, b, out=mx)
+    mn = torch.minimum(r, g)
+    torch.minimum(mn, b, out=mn)
     chroma = mx - mn
-    inv = chroma.clamp_min(1e-6).reciprocal_()
-    # hue in sixths: from red (max R), green (max G) or blue (max B), the first that holds
-    is_r = (r == mx).to(x.dtype)
-    is_g = (g == mx).to(x.dtype).mul_(1 - is_r)
-    is_b = 1 - is_r - is_g
-    hue = (g - b).mul_(is_r).add_((b - r).add_(chroma, alpha=2).mul_(is_g))
-    hue.add_((r - g).add_(chroma, alpha=4).mul_(is_b)).mul_(inv)
-    shift = torch.trunc(factor.double() * 255) * (6 / 255)  # PIL shifts by whole 1/255 turns
-    offsets = (shift.view(-1, 1) + torch.tensor([5.0, 3.0, 1.0], dtype=torch.float64)).view(-1, 3, 1, 1)
-    k = hue + offsets.to(device=x.device, dtype=x.dtype)
-    k.sub_(torch.floor(k * (1 / 6)).mul_(6))  # mod 6 (faster than remainder on CPUs)
-    return k.sub_(2).abs_().sub_(1).clamp_(0, 1).mul_(chroma).add_(mn).round_()
+    # hue times chroma, exact in whole levels: from blue (max B), overridden by green, then red
+    hue = (r - g).add_(chroma, alpha=4)
+    is_max = torch.eq(g, mx, out=torch.empty_like(mx))  # 0/1 as floats: no bool conversion
+    hue.addcmul_(is_max, (b - r).add_(chroma, alpha=2).sub_(hue))
+    torch.eq(r, mx, out=is_max)
+    hue.addcmul_(is_max, (g - b).sub_(hue))
+    hue.mul_(chroma.clamp_min(1e-6).reciprocal_())  # in [-1, 5]
+    shifts = [math.trunc(f * 255) * (6 / 255) for f in factor.tolist()]  # PIL: whole 1/255 turns
+    offsets = torch.tensor([[(s + n) % 6 - 5 for n in (5.0, 3.0, 1.0)] for s in shifts], dtype=x.dtype)
+    k = hue + offsets.view(-1, 3, 1, 1).to(x.device, non_blocking=True)  # in [-6, 6)
+    return torch.addcmul(mn, k.abs_().sub_(3).abs_().sub_(1).clamp_(0, 1), chroma).round_()
 
 
 _JITTER = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
@@ -160,7 +160,7 @@ def to_grayscale(x: torch.Tensor) -> torch.Tensor:
 
 def solarize(x: torch.Tensor) -> torch.Tensor:
     """Levels that round to 128 or more become ``255 - level``."""
-    return torch.where(x >= SOLARIZE_THRESHOLD, 255 - x, x)
+    return torch.minimum(x, 255 - x)  # 255 - x < x exactly when x > 127.5
 
 
 def pil_blur_kernel(sigma: float, passes: int = BLUR_PASSES) -> torch.Tensor:
@@ -185,27 +185,47 @@ def pil_blur_kernel(sigma: float, passes: int = BLUR_PASSES) -> torch.Tensor:
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """PIL's Gaussian blur of each view with its own ``sigma`` (all > 0), edges extended.
+    """PIL's Gaussian blur of each view with its own ``sigma`` (all > 0), edges extended."""
+    return _blur_where(x, sigma.tolist())
 
-    The symmetric kernel is applied as a sum of shifted slices (faster than a depthwise
-    convolution on CPUs), rows then columns.
+
+def _blur_where(x: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
+    """:func:`gaussian_blur` of the views whose sigma is > 0, in groups of equal kernel length
+    (7 taps below sigma ~1.41, 13 above): a small sigma costs a short kernel."""
+    halves = [_half_kernel(s) if s > 0 else [] for s in sigmas]
+    for n in sorted({len(h) for h in halves} - {0}):
+        weights = torch.tensor([h if len(h) == n else [0.0] * n for h in halves], dtype=x.dtype)
+        x = _apply_to(x, [len(h) == n for h in halves], _blur, weights)
+    return x
+
+
+def _half_kernel(sigma: float) -> list[float]:
+    """The centre and one side of :func:`pil_blur_kernel`."""
+    kernel = pil_blur_kernel(sigma)
+    return kernel[len(kernel) // 2 :].tolist()
+
+
+def _blur(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Symmetric kernels (``weights``: ``[B, n]``, centre first) applied to rows then columns, as
+    sums of shifted slices of the edge-extended views (faster than a convolution on CPUs).
+
+    The views are extended on all sides once: blurring the extended rows gives the rows the
+    column pass needs (extending an edge commutes with blurring along it).
     """
-    kernels = [pil_blur_kernel(float(s)) for s in sigma.tolist()]
-    size = max(len(k) for k in kernels)
-    half = size // 2
-    weights = torch.zeros((len(kernels), half + 1), dtype=torch.float64)
-    for i, k in enumerate(kernels):
-        weights[i, : len(k) // 2 + 1] = k[len(k) // 2 :]
-    w = weights.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1, half + 1)
+    half = weights.shape[1] - 1
+    w = weights.to(x.device, non_blocking=True).view(-1, 1, 1, 1, half + 1)
     h, wd = x.shape[-2:]
-    padded = F.pad(x, (half, half, 0, 0), mode="replicate")
-    rows = x * w[..., 0]
+    padded = F.pad(x, (half, half, half, half), mode="replicate")
+    rows = padded[..., half : half + wd] * w[..., 0]  # [B, C, h + 2 half, wd]
+    pair = torch.empty_like(rows)  # one buffer for the sum of the two slices at each distance
     for j in range(1, half + 1):
-        rows.addcmul_(padded[..., half - j : half - j + wd] + padded[..., half + j : half + j + wd], w[..., j])
-    padded = F.pad(rows, (0, 0, half, half), mode="replicate")
-    out = rows.mul_(w[..., 0])
+        torch.add(padded[..., half - j : half - j + wd], padded[..., half + j : half + j + wd], out=pair)
+        rows.addcmul_(pair, w[..., j])
+    out = rows[..., half : half + h, :] * w[..., 0]
+    pair = pair[..., :h, :]
     for j in range(1, half + 1):
-        out.addcmul_(padded[..., half - j : half - j + h, :] + padded[..., half + j : half + j + h, :], w[..., j])
+        torch.add(rows[..., half - j : half - j + h, :], rows[..., half + j : half + j + h, :], out=pair)
+        out.addcmul_(pair, w[..., j])
     return out.round_()
 
 
@@ -236,8 +256,7 @@ def _apply_to(x: torch.Tensor, select: list[bool], fn, *args: torch.Tensor) -> t
         return x
     index = torch.tensor([i for i, flag in enumerate(select) if flag])
     device_index = index.to(x.device, non_blocking=True)
-    x[device_index] = fn(x[device_index], *(a[index] for a in args))
-    return x
+    return x.index_copy_(0, device_index, fn(x.index_select(0, device_index), *(a[index] for a in args)))
 
 
 def colour_views(x: torch.Tensor, params: ColourParams) -> torch.Tensor:
@@ -256,7 +275,7 @@ def colour_views(x: torch.Tensor, params: ColourParams) -> torch.Tensor:
             select = [on and o[position] == op for on, o in zip(jitter, order)]
             x = _apply_to(x, select, _JITTER[op], params.factors[:, op])
     x = _apply_to(x, params.grayscale.tolist(), to_grayscale)
-    x = _apply_to(x, (params.blur_sigma > 0).tolist(), gaussian_blur, params.blur_sigma)
+    x = _blur_where(x, params.blur_sigma.tolist())
     return _apply_to(x, params.solarize.tolist(), solarize)
 
 
