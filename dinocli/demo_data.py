@@ -1,10 +1,13 @@
-"""The built-in demo data set: procedurally generated, labelled images of textured shapes.
+"""The built-in demo data set: procedurally generated, labelled images of textures.
 
-Ten classes (circle, square, triangle, star, ring, cross, stripes, checker, dots, blob), each
-image with a random background (colour and gradient), a random foreground colour, position,
-size and rotation, and pixel noise: a class is decided by shape, not by colour or place. The set
-is generated once (deterministically: the same bytes on every machine with the same Pillow) into
-``<cache>/demo/demo-v1/{train,val}/<class>/<nnnn>.png``; ``<cache>`` is ``$DINOCLI_CACHE`` or
+Ten classes (bricks, checker, confetti, dots, grid, rings, spokes, stripes, waves, zigzag), each
+image a pattern filling the frame, with a random period, orientation and phase, two tinted
+colours of different lightness in a random order, and pixel noise: a class is decided by the
+pattern, not by colour, scale or place. Every crop of an image shows its pattern, which is what
+DINO's multi-crop objective can learn from in minutes (version 1's small shapes on coloured
+backgrounds mostly taught it the background). The set is generated once (deterministically: the
+same bytes on every machine with the same Pillow) into
+``<cache>/demo/demo-v2/{train,val}/<class>/<nnnn>.png``; ``<cache>`` is ``$DINOCLI_CACHE`` or
 ``~/.cache/dinocli``. Generation builds a temporary folder and renames it into place, so an
 interrupted run never leaves a half-written set.
 """
@@ -24,12 +27,12 @@ from PIL import Image
 from dinocli.errors import DinoError
 
 CACHE_ENV = "DINOCLI_CACHE"
-VERSION = "demo-v1"
-CLASSES = ("blob", "checker", "circle", "cross", "dots", "ring", "square", "star", "stripes", "triangle")
+VERSION = "demo-v2"
+CLASSES = ("bricks", "checker", "confetti", "dots", "grid", "rings", "spokes", "stripes", "waves", "zigzag")
 MANIFEST = "manifest.json"
 SPLITS = {"train": 0, "val": 1}
 
-Shape = Callable[[np.ndarray, np.ndarray, np.random.Generator, float], np.ndarray]
+Pattern = Callable[[np.ndarray, np.ndarray, np.random.Generator, float], np.ndarray]
 
 
 def cache_dir() -> Path:
@@ -94,104 +97,99 @@ def demo_image(label: int, index: int, split: str = "train", size: int = 32, see
     """Image ``index`` of class ``CLASSES[label]`` in ``split``: a pure function of its arguments."""
     rng = np.random.default_rng([seed, SPLITS[split], label, index])
     yy, xx = (np.mgrid[0:size, 0:size] + 0.5) / size  # pixel centres in [0, 1]
-    background = _background(rng, xx, yy)
-    fg = _foreground_colour(rng, background.mean(axis=(0, 1)))
-    cx, cy = rng.uniform(0.35, 0.65, size=2)
-    radius = rng.uniform(0.22, 0.36)
+    name = CLASSES[label]
+    period = rng.uniform(0.18, 0.3)  # of the image side
     angle = rng.uniform(0, 2 * np.pi)
     c, s = np.cos(angle), np.sin(angle)
-    u = ((xx - cx) * c + (yy - cy) * s) / radius  # rotated coordinates in units of the radius
-    v = (-(xx - cx) * s + (yy - cy) * c) / radius
-    alpha = SHAPES[CLASSES[label]](u, v, rng, radius * size)
-    shade = 1 + 0.08 * np.sin(2 * np.pi * (rng.uniform(1, 3) * u + rng.uniform(0, 1)))  # a soft texture
-    image = background * (1 - alpha[..., None]) + (fg * shade[..., None]) * alpha[..., None]
+    low, high = (0.3, 0.7) if name in CENTRED else (0.0, 1.0)
+    x, y = xx - rng.uniform(low, high), yy - rng.uniform(low, high)
+    u = (x * c + y * s) / period  # rotated coordinates in periods
+    v = (-x * s + y * c) / period
+    alpha = PATTERNS[name](u, v, rng, period * size)
+    ink, paper = _colours(rng)
+    image = paper * (1 - alpha[..., None]) + ink * alpha[..., None]
     image += rng.normal(0, 6, size=image.shape)
     return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
 
 
-def _background(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
-    a, b = rng.uniform(0, 255, size=(2, 3))
-    t = np.clip(rng.uniform(-1, 1) * (xx - 0.5) + rng.uniform(-1, 1) * (yy - 0.5) + 0.5, 0, 1)
-    return a + (b - a) * 0.5 * t[..., None]
+def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Two tinted colours of clearly different lightness, in a random order."""
+    tint = rng.uniform(0, 1, size=3)
+    light = 255 * rng.uniform(0.55, 0.9) * (0.8 + 0.2 * tint)
+    dark = 255 * rng.uniform(0.05, 0.4) * (0.8 + 0.2 * tint[::-1])
+    return (light, dark) if rng.uniform() < 0.5 else (dark, light)
 
 
-def _foreground_colour(rng: np.random.Generator, background: np.ndarray) -> np.ndarray:
-    for _ in range(20):
-        colour = rng.uniform(0, 255, size=3)
-        if np.abs(colour - background).sum() > 180:
-            return colour
-    return 255 - background
+def _tri(x: np.ndarray) -> np.ndarray:
+    """Triangle wave of period 1 in [0, 1]: the distance to the nearest integer, doubled."""
+    return 2 * np.abs(x - np.floor(x + 0.5))
 
 
 def _edge(distance: np.ndarray, pixels: float) -> np.ndarray:
-    """Antialiased coverage from a signed distance (negative inside) in radius units."""
+    """Antialiased coverage from a signed distance (negative inside), ``pixels`` per unit."""
     return np.clip(0.5 - distance * pixels, 0, 1)
 
 
-def _circle(u, v, rng, px):
-    return _edge(np.hypot(u, v) - 1, px)
-
-
-def _ring(u, v, rng, px):
-    return _edge(np.abs(np.hypot(u, v) - 0.75) - rng.uniform(0.15, 0.25), px)
-
-
-def _square(u, v, rng, px):
-    return _edge(np.maximum(np.abs(u), np.abs(v)) - 0.8, px)
-
-
-def _triangle(u, v, rng, px):
-    normals = [(np.cos(a), np.sin(a)) for a in np.pi / 2 + 2 * np.pi / 3 * np.arange(3)]
-    return _edge(np.max([nx * u + ny * v for nx, ny in normals], axis=0) - 0.6, px)
-
-
-def _star(u, v, rng, px):
-    r, theta = np.hypot(u, v), np.arctan2(v, u)
-    return _edge(r - (0.6 + 0.4 * np.cos(5 * theta)), px / 2)
-
-
-def _cross(u, v, rng, px):
-    w = rng.uniform(0.2, 0.3)
-    bar1 = np.maximum(np.abs(u) - 1, np.abs(v) - w)
-    bar2 = np.maximum(np.abs(v) - 1, np.abs(u) - w)
-    return _edge(np.minimum(bar1, bar2), px)
+def _nearest(x: np.ndarray) -> np.ndarray:
+    return np.abs(x - np.round(x))
 
 
 def _stripes(u, v, rng, px):
-    period = rng.uniform(0.45, 0.7)
-    return np.clip(2 * np.sin(2 * np.pi * u / period) + 0.5, 0, 1) * _edge(np.hypot(u, v) - 1.3, px)
+    return _edge(_tri(u) - 0.5, px)
 
 
 def _checker(u, v, rng, px):
-    period = rng.uniform(0.6, 0.9)
-    cells = np.sin(np.pi * u / period * 2) * np.sin(np.pi * v / period * 2)
-    return np.clip(4 * cells + 0.5, 0, 1) * _edge(np.maximum(np.abs(u), np.abs(v)) - 1.1, px)
+    return ((np.floor(u) + np.floor(v)) % 2).astype(float)
 
 
 def _dots(u, v, rng, px):
-    spacing = rng.uniform(0.55, 0.75)
-    du = (u / spacing + 0.5) % 1 - 0.5
-    dv = (v / spacing + 0.5) % 1 - 0.5
-    return _edge(np.hypot(du, dv) * spacing - 0.14, px) * _edge(np.hypot(u, v) - 1.3, px)
+    return _edge(np.hypot(_nearest(u), _nearest(v)) - 0.28, px)
 
 
-def _blob(u, v, rng, px):
-    stretch = rng.uniform(0.6, 1.0)
-    return np.exp(-(u**2 + (v / stretch) ** 2) * 1.5)
+def _grid(u, v, rng, px):
+    return _edge(0.12 - np.minimum(_nearest(u), _nearest(v)), px)
 
 
-SHAPES: dict[str, Shape] = {
-    "blob": _blob,
+def _rings(u, v, rng, px):
+    return _edge(_tri(np.hypot(u, v)) - 0.5, px)
+
+
+def _spokes(u, v, rng, px):
+    return _edge(_tri(np.arctan2(v, u) * 4 / np.pi) - 0.5, 8)
+
+
+def _waves(u, v, rng, px):
+    return _edge(_tri(u + 0.35 * np.sin(2 * np.pi * v / 1.5)) - 0.5, px)
+
+
+def _zigzag(u, v, rng, px):
+    return _edge(_tri(u + 0.8 * _tri(v)) - 0.5, px)
+
+
+def _bricks(u, v, rng, px):
+    along = u / 2 + 0.5 * (np.floor(v) % 2)  # bricks two periods long, every other row shifted
+    return _edge(0.1 - np.minimum(_nearest(v), 2 * _nearest(along)), px)
+
+
+def _confetti(u, v, rng, px):
+    cells = rng.uniform(0, 1, size=(16, 16)) < 0.4
+    return cells[np.floor(u).astype(int) % 16, np.floor(v).astype(int) % 16].astype(float)
+
+
+PATTERNS: dict[str, Pattern] = {
+    "bricks": _bricks,
     "checker": _checker,
-    "circle": _circle,
-    "cross": _cross,
+    "confetti": _confetti,
     "dots": _dots,
-    "ring": _ring,
-    "square": _square,
-    "star": _star,
+    "grid": _grid,
+    "rings": _rings,
+    "spokes": _spokes,
     "stripes": _stripes,
-    "triangle": _triangle,
+    "waves": _waves,
+    "zigzag": _zigzag,
 }
+#: Patterns drawn around a centre, which is kept inside the image.
+CENTRED = ("rings", "spokes")
 
 
 def _complete(dest: Path, settings: dict[str, int]) -> bool:

@@ -23,7 +23,7 @@ def digest(folder: Path) -> str:
 
 def test_layout_counts_and_balance(tmp_path):
     root = demo_dataset(tmp_path, train_per_class=6, val_per_class=2, size=32)
-    assert root.parent == tmp_path and root.name.startswith("demo-v1")
+    assert root.parent == tmp_path and root.name.startswith("demo-v2")
     for split, per_class in (("train", 6), ("val", 2)):
         paths, labels, classes = image_folder(root / split)
         assert classes == sorted(CLASSES) and len(classes) == 10
@@ -37,18 +37,18 @@ def test_same_bytes_every_time(tmp_path):
     b = demo_dataset(tmp_path / "b", train_per_class=3, val_per_class=1, size=48, seed=2)
     c = demo_dataset(tmp_path / "c", train_per_class=3, val_per_class=1, size=48, seed=3)
     assert digest(a) == digest(b) != digest(c)
-    assert open_rgb(a / "train" / "star" / "0000.png").size == (48, 48)
+    assert open_rgb(a / "train" / "spokes" / "0000.png").size == (48, 48)
 
 
 def test_images_vary_within_a_class_and_are_not_blank():
-    images = [np.asarray(demo_image(CLASSES.index("circle"), i), dtype=float) for i in range(20)]
+    images = [np.asarray(demo_image(CLASSES.index("dots"), i), dtype=float) for i in range(20)]
     assert all(im.std() > 10 for im in images)
     mean_colours = np.array([im.mean(axis=(0, 1)) for im in images])
     assert mean_colours.std(axis=0).min() > 15  # random colours, so colour alone does not give the class
 
 
-def test_classes_differ_in_shape_not_in_average_colour():
-    """The mean image of each class is nearly flat: colour and position are random."""
+def test_classes_differ_in_pattern_not_in_average_colour():
+    """The mean image of each class is nearly flat: colour, phase and orientation are random."""
     for label in range(10):
         mean = np.mean([np.asarray(demo_image(label, i), dtype=float) for i in range(60)], axis=0)
         assert mean.mean(axis=2).std() < 25, CLASSES[label]
@@ -56,9 +56,9 @@ def test_classes_differ_in_shape_not_in_average_colour():
 
 def test_reused_when_complete_and_half_sets_never_appear(tmp_path, monkeypatch):
     root = demo_dataset(tmp_path, train_per_class=2, val_per_class=1)
-    stamp = (root / "train" / "ring" / "0000.png").stat().st_mtime_ns
+    stamp = (root / "train" / "rings" / "0000.png").stat().st_mtime_ns
     assert demo_dataset(tmp_path, train_per_class=2, val_per_class=1) == root
-    assert (root / "train" / "ring" / "0000.png").stat().st_mtime_ns == stamp
+    assert (root / "train" / "rings" / "0000.png").stat().st_mtime_ns == stamp
 
     calls = []
 
@@ -77,7 +77,7 @@ def test_reused_when_complete_and_half_sets_never_appear(tmp_path, monkeypatch):
 
 
 def test_incomplete_folder_is_reported(tmp_path):
-    (tmp_path / "demo-v1-s32-t2-v1-seed0" / "train").mkdir(parents=True)
+    (tmp_path / "demo-v2-s32-t2-v1-seed0" / "train").mkdir(parents=True)
     with pytest.raises(DinoError, match="not a complete demo data set"):
         demo_dataset(tmp_path, train_per_class=2, val_per_class=1)
 
@@ -98,7 +98,7 @@ def test_default_set_is_2000_plus_500_images_and_fast(tmp_path):
     start = time.perf_counter()
     root = demo_dataset(tmp_path)
     took = time.perf_counter() - start
-    assert root == tmp_path / "demo-v1"
+    assert root == tmp_path / "demo-v2"
     assert len(list((root / "train").rglob("*.png"))) == 2000
     assert len(list((root / "val").rglob("*.png"))) == 500
     assert took < 60, took  # about 5 s on one idle core; generous for a shared machine

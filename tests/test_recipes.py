@@ -50,9 +50,10 @@ def test_explicit_options_override_the_recipe(small_images, tmp_path):
         explain=lines.append,
     )
     assert (cfg.out_dim, cfg.lr) == (777, 0.01)  # file and command line beat the recipe
-    assert (cfg.arch, cfg.patch_size, cfg.momentum_teacher) == ("vit_tiny", 4, 0.99)  # from it
+    assert (cfg.arch, cfg.patch_size, cfg.momentum_teacher) == ("vit_tiny", 4, 0.95)  # from it
+    assert cfg.collapse == "centering,koleo"
     assert not any("out_dim" in line or " lr " in line for line in lines)
-    assert any(line.startswith("recipe small-data: momentum_teacher = 0.99") for line in lines)
+    assert any(line.startswith("recipe small-data: momentum_teacher = 0.95") for line in lines)
 
 
 def test_small_data_fits_warmups_to_the_epochs():
@@ -66,7 +67,7 @@ def test_small_data_fits_warmups_to_the_epochs():
 @pytest.mark.parametrize(
     "n_images, prototypes, momentum",
     [
-        (1_000, 1024, 0.96),        # 30 epochs x 15 iterations: horizon at its floor of 25
+        (1_000, 1024, 0.95),        # 30 epochs x 15 iterations: horizon at its floor of 20
         (10_000, 4096, 0.9915),     # 30 x 156 = 4680 iterations: horizon 117
         (1_000_000, 65536, 0.996),  # ImageNet-sized: the reference's values
     ],
@@ -77,8 +78,9 @@ def test_auto_scales_prototypes_and_momentum(n_images, prototypes, momentum):
     assert values["momentum_teacher"] == pytest.approx(momentum, abs=1e-4)
     horizon = 1 / (1 - values["momentum_teacher"])
     iterations = 30 * (n_images // 64)
-    assert horizon == pytest.approx(min(250, max(25, iterations / 40)), rel=1e-2)
+    assert horizon == pytest.approx(min(250, max(20, iterations / 40)), rel=1e-2)
     assert values["arch"] == ("vit_small" if n_images >= 100_000 else "vit_tiny")
+    assert values.get("collapse", "centering") == ("centering" if n_images >= 100_000 else "centering,koleo")
 
 
 def test_auto_gives_every_choice_a_reason_and_picks_crops_from_image_size():
