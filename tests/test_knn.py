@@ -18,7 +18,8 @@ from dinocli.evaluate import (
     save_features,
 )
 from dinocli.evaluate import features_io
-from dinocli.evaluate.knn import recall_at_k
+from dinocli.errors import UsageError
+from dinocli.evaluate.knn import default_nlist, pq_codes, ranked_classes, recall_at_k, target_rank
 
 
 def clustered(n: int, dim: int, classes: int, noise: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,19 +94,74 @@ def test_approximate_indexes_recall_against_exact_search() -> None:
     test, ytest = clustered(300, 24, 10, noise=1.5, seed=6)
     exact = knn_classify(train, ytrain, test, ytest, k=20)
     assert exact.recall is None and exact.index == "flat"
-    ivf = knn_classify(train, ytrain, test, ytest, k=20, index=IndexSpec("ivf", nlist=32, nprobe=8))
+    ivf = knn_classify(train, ytrain, test, ytest, k=20, index=IndexSpec("ivf", nlist=32))
     hnsw = knn_classify(train, ytrain, test, ytest, k=20, index="hnsw")
     for approx in (ivf, hnsw):
-        assert approx.recall["sample"] == 300 and list(approx.recall["at_k"]) == ["20"]
-        assert approx.recall["at_k"]["20"] >= 0.9
+        assert approx.recall["sample"] == 256 and list(approx.recall["at_k"]) == ["20"]
+        assert approx.recall["at_k"]["20"] >= 0.95
         assert abs(approx.top1 - exact.top1) <= 2.0
-    # probing every cluster is an exhaustive search: recall 1 and the exact accuracies
-    full = knn_classify(train, ytrain, test, ytest, k=20, index=IndexSpec("ivf", nlist=16, nprobe=16))
-    assert full.recall["at_k"] == {"20": 1.0}
-    assert (full.top1, full.top5) == (exact.top1, exact.top5)
+    # 6 coarse PQ codes of 24-d vectors rank poorly: calibration re-scores more candidates exactly
+    assert ivf.recall["refine_factor"] > 1 and ivf.recall["nprobe"] < 32
+    given = knn_classify(train, ytrain, test, ytest, k=20, index=IndexSpec("ivf", nlist=32, nprobe=32))
+    assert given.recall["refine_factor"] == 1 and given.recall["at_k"]["20"] < 0.95  # not calibrated
     # a single probe of many clusters misses neighbours, and the recall says so
     poor = knn_classify(train, ytrain, test, ytest, k=[5, 20], index=IndexSpec("ivf", nlist=64, nprobe=1))
     assert poor.recall["at_k"]["20"] < 0.95 and set(poor.recall["at_k"]) == {"5", "20"}
+
+
+def embedded(n: int, dim: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like real embeddings: class clusters in a 16-d latent space, mapped to ``dim``-d, plus noise."""
+    g0 = torch.Generator().manual_seed(1)
+    centers, projection = torch.randn(classes, 16, generator=g0), torch.randn(16, dim, generator=g0) / 4
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    latent = centers[labels] + torch.randn(n, 16, generator=g)
+    return latent @ projection + 0.1 * torch.randn(n, dim, generator=g), labels
+
+
+def test_ivf_calibration_reaches_the_recall_target() -> None:
+    """Default nlist = sqrt(N) / 2; nprobe from nlist/8 x1.25^i, re-scoring 2^j x k candidates."""
+    train, ytrain = embedded(20000, 128, 50, seed=3)
+    test, ytest = embedded(1000, 128, 50, seed=4)
+    exact = knn_classify(train, ytrain, test, ytest, k=[10, 50])
+    ladder = [71 // 8]
+    while ladder[-1] < 71:
+        ladder.append(min(71, math.ceil(ladder[-1] * 1.25)))
+    work = []
+    for target in (0.95, 0.99):
+        # recall@20 is what the target applies to, whether or not k=20 is asked for
+        spec = IndexSpec("ivf", recall_target=target)
+        report = knn_classify(train, ytrain, test, ytest, k=[10, 50], index=spec)
+        measured = knn_classify(train, ytrain, test, ytest, k=[10, 20, 50], index=spec)
+        r = report.recall
+        assert r["nlist"] == default_nlist(20000) == 71
+        assert r["nprobe"] in ladder and r["refine_factor"] in (1, 2, 4, 8, 16)
+        assert measured.recall["at_k"]["20"] >= target
+        assert {k: measured.recall["at_k"][k] for k in ("10", "50")} == r["at_k"]
+        assert abs(report.top1 - exact.top1) <= (1.0 if target == 0.95 else 0.3)
+        work.append(r["nprobe"] * r["refine_factor"])
+    assert work[1] > work[0]  # a stricter target searches wider
+
+
+def test_index_parameter_rules() -> None:
+    assert [default_nlist(n) for n in (10, 1000, 100_000, 10**6)] == [1, 16, 158, 500]
+    # PQ codes of at most 4 dimensions each, splitting d exactly
+    assert [pq_codes(d) for d in (384, 768, 30, 7, 2)] == [96, 192, 10, 7, 1]
+    with pytest.raises(UsageError, match="recall target"):
+        IndexSpec("ivf", recall_target=1.5)
+    with pytest.raises(UsageError, match="nprobe must be positive"):
+        IndexSpec("ivf", nprobe=0)
+    train, ytrain = clustered(10, 8, 2, noise=0.1, seed=9)
+    with pytest.raises(UsageError, match="--index ivf needs at least 16 train features"):
+        knn_classify(train, ytrain, train, ytrain, k=3, index="ivf")
+
+
+def test_target_rank_is_the_position_in_the_ranking() -> None:
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randint(0, 4, (500, 12), generator=g).float()  # many ties
+    targets = torch.randint(0, 12, (500,), generator=g)
+    ranking = ranked_classes(scores, 12)
+    assert torch.equal(target_rank(scores, targets), (ranking == targets[:, None]).float().argmax(1))
 
 
 def test_recall_at_k_counts_shared_indices() -> None:
@@ -212,11 +268,14 @@ def test_cli_ivf_reports_recall(tmp_path: Path, cli) -> None:
     write_features(tmp_path / "val.safetensors", 100, 16, 5, seed=15)
     out = tmp_path / "r.json"
     args = ["knn", "--train", str(tmp_path / "train.safetensors"), "--val", str(tmp_path / "val.safetensors")]
-    result = cli.invoke(app, [*args, "-k", "20", "--index", "ivf", "--nlist", "10", "--nprobe", "10", "--json", str(out)])
+    result = cli.invoke(app, [*args, "-k", "20", "--index", "ivf", "--nlist", "10", "--json", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
-    assert data["index"] == "ivf" and data["recall"] == {"sample": 100, "at_k": {"20": 1.0}}
-    assert "recall of the ivf index against exact search on 100 val features: @20 1.0000" in result.stdout
+    recall = data["recall"]
+    assert data["index"] == "ivf" and (recall["sample"], recall["nlist"]) == (100, 10)
+    assert recall["at_k"]["20"] >= 0.95  # nprobe and the re-scoring calibrated to the target
+    line = f"recall of the ivf index against exact search on 100 val features: @20 {recall['at_k']['20']:.4f}"
+    assert line in result.stdout
 
 
 @pytest.mark.parametrize(

@@ -48,14 +48,21 @@ def knn_command(
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
     per_class: Annotated[bool, typer.Option("--per-class", help="Add per-class top-1 accuracy.")] = False,
     index: Annotated[str, typer.Option("--index", help="flat (exact), ivf or hnsw (approximate).")] = "flat",
-    nlist: Annotated[int | None, typer.Option("--nlist", help="ivf: clusters \\[default: sqrt(N)].")] = None,
-    nprobe: Annotated[int, typer.Option("--nprobe", help="ivf: clusters searched per query.")] = 32,
+    nlist: Annotated[int | None, typer.Option("--nlist", help="ivf: clusters \\[default: sqrt(N) / 2].")] = None,
+    nprobe: Annotated[
+        int | None,
+        typer.Option(
+            "--nprobe",
+            help="ivf: clusters searched per query \\[default: calibrated on the recall sample: from nlist/8, "
+            "x1.25 a step, until recall@20 >= 0.95; more candidates re-scored exactly first if that needs it].",
+        ),
+    ] = None,
     hnsw_m: Annotated[int, typer.Option("--hnsw-m", help="hnsw: neighbours per graph node.")] = 32,
     ef_search: Annotated[int, typer.Option("--ef-search", help="hnsw: search breadth (at least k).")] = 128,
     ef_construction: Annotated[int, typer.Option("--ef-construction", help="hnsw: build breadth.")] = 200,
     recall_sample: Annotated[
         int, typer.Option("--recall-sample", help="Val features on which an approximate index's recall is measured.")
-    ] = 1000,
+    ] = 256,
     query_batch_size: Annotated[
         int, typer.Option("--query-batch-size", help="Val features searched at once (bounds memory).")
     ] = 4096,
