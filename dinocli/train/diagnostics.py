@@ -91,9 +91,10 @@ ADVICE = {
     "uniform": (
         "uniform collapse: the teacher's targets are almost uniform and the loss is stuck near "
         "ln(out_dim) = {max_entropy:.3f} (loss {loss:.3f}, teacher entropy {teacher_entropy:.3f}) "
-        "since iteration {since}. Centering dominates sharpening: try a lower --teacher-temp "
-        "(e.g. 0.04) and --warmup-teacher-temp, a higher --momentum-teacher, a smaller --lr, or "
-        "--collapse sinkhorn-knopp."
+        "since iteration {since}. Centering dominates sharpening: on small data or in short runs "
+        "try --collapse centering,koleo with --momentum-teacher 0.95 (what --recipe small-data "
+        "does); otherwise a lower --teacher-temp (e.g. 0.04) and --warmup-teacher-temp, a smaller "
+        "--lr, or --collapse sinkhorn-knopp."
     ),
     "dominant": (
         "dominant collapse: {top_prototype_share:.0%} of the batch goes to one prototype "
