@@ -155,7 +155,7 @@ def _rings(u, v, rng, px):
 
 
 def _spokes(u, v, rng, px):
-    return _edge(_tri(np.arctan2(v, u) * 4 / np.pi) - 0.5, 8)
+    return _edge(_tri(np.arctan2(v, u) * 4 / np.pi) - 0.5, 8)  # 8 spokes; a fixed edge width in angle
 
 
 def _waves(u, v, rng, px):
