@@ -26,7 +26,7 @@ import dinocli
 from dinocli.data import find_images
 from dinocli.errors import UsageError
 
-#: Reference defaults for what the recipes change (so ``reference`` can say what it keeps).
+#: The run length ``small-data`` fits its warm-ups to when ``--epochs`` is not given.
 SMALL_DATA_EPOCHS = 30
 
 
@@ -98,6 +98,24 @@ def crops_for(image_size: int) -> dict[str, int]:
     return {"global_crop_size": 224, "local_crop_size": 96, "patch_size": 16}
 
 
+def _small_data_training(epochs: int) -> dict[str, tuple[Any, str]]:
+    """What ``small-data`` and ``auto`` (below 100k images) both set, whatever the image size."""
+    return {
+        "local_crops_number": (6, "6 local crops"),
+        "collapse": SMALL_DATA_COLLAPSE,
+        "lr": (0.002, "4x the reference's learning rate for small data and short runs"),
+        "drop_path_rate": (0.0, "no stochastic depth for a tiny model and small data"),
+        **_warmups(epochs),
+    }
+
+
+#: Crop scales for small (< 96 px) images.
+SMALL_IMAGE_SCALES: dict[str, tuple[Any, str]] = {
+    "global_crops_scale": ((0.35, 1.0), "global crops keep at least 35 % of a small image"),
+    "local_crops_scale": ((0.1, 0.35), "local crops of 10-35 %: smaller ones are mostly blur at 32 px"),
+}
+
+
 def reference(**_: Any) -> dict[str, Any]:
     """The reference implementation's defaults: nothing to change."""
     return {}
@@ -111,18 +129,13 @@ def small_data(epochs: int | None = None, **_: Any) -> dict[str, tuple[Any, str]
         "patch_size": (4, "4-px patches: 64 tokens on a 32-px crop"),
         "global_crop_size": (32, "32-px global crops for small images"),
         "local_crop_size": (16, "16-px local crops"),
-        "local_crops_number": (6, "6 local crops"),
-        "global_crops_scale": ((0.35, 1.0), "global crops keep at least 35 % of a small image"),
-        "local_crops_scale": ((0.1, 0.35), "local crops of 10-35 %: smaller ones are mostly blur at 32 px"),
+        **SMALL_IMAGE_SCALES,
         "out_dim": (4096, "4096 prototypes for thousands of images (65536 is for ImageNet)"),
         "momentum_teacher": (
             0.95, "teacher EMA horizon of 20 iterations: it keeps up with a student that learns fast"
         ),
-        "collapse": SMALL_DATA_COLLAPSE,
-        "lr": (0.002, "4x the reference's learning rate for a short run"),
-        "drop_path_rate": (0.0, "no stochastic depth for a tiny model and a short run"),
         "epochs": (epochs, "the run length the warm-ups are fitted to"),
-        **_warmups(epochs),
+        **_small_data_training(epochs),
     }
 
 
@@ -150,17 +163,13 @@ def auto(
             momentum_for(iterations),
             f"teacher EMA horizon of 1/40 of the run's ~{iterations} iterations (20 to 250)",
         ),
-        "drop_path_rate": ((0.0, "no stochastic depth for small data") if small
-                           else (0.1, "the reference's stochastic depth")),
     }
     if small:
-        values["lr"] = (0.002, "4x the reference's learning rate for small data")
-        values["local_crops_number"] = (6, "6 local crops")
-        values["collapse"] = SMALL_DATA_COLLAPSE
+        values.update(_small_data_training(epochs))
         if image_size < 96:
-            values["global_crops_scale"] = ((0.35, 1.0), "global crops keep at least 35 % of a small image")
-            values["local_crops_scale"] = ((0.1, 0.35), "local crops of 10-35 % of a small image")
-        values.update(_warmups(epochs))
+            values.update(SMALL_IMAGE_SCALES)
+    else:
+        values["drop_path_rate"] = (0.1, "the reference's stochastic depth")
     return values
 
 

@@ -7,10 +7,10 @@ kebab-case on the command line. Precedence: defaults < ``--config FILE.toml`` < 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
