@@ -235,7 +235,8 @@ def test_one_step_knn_extracts_first(tmp_path: Path, cli) -> None:
         app,
         ["knn", "--random-init", "--arch", "vit_tiny", "--patch-size", "16", "--train-data", str(train),
          "--val-data", str(val), "--resize", "32", "--crop-size", "32", "-k", "3", "--json", str(out),
-         "--num-workers", "0", "--device", "cpu"],
+         "--num-workers", "0", "--device", "cpu",
+         "--precision", "fp32"],
     )
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import dinocli
-from dinocli.backbones.vit import VIT_ARCHS, drop_path
+from dinocli.backbones.vit import VIT_ARCHS, attend, drop_path
 
 ARCH = "vit_tiny"
 HEADS = VIT_ARCHS[ARCH][2]
@@ -182,6 +182,27 @@ def test_forward_uses_fused_attention(monkeypatch):
     with torch.no_grad():
         model(image_batch(64, 64))
     assert len(calls) == VIT_ARCHS[ARCH][1]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_cpu_attention_is_explicit_and_accurate(monkeypatch, dtype):
+    def fail(*args, **kwargs):
+        raise AssertionError("the fused kernel is slow in low precision on the CPU")
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    expected = ((q @ k.transpose(-2, -1)) * 0.25).softmax(-1) @ v
+    monkeypatch.setattr(F, "scaled_dot_product_attention", fail)
+    got = attend(q.to(dtype), k.to(dtype), v.to(dtype), 0.25)
+    assert got.dtype == dtype
+    err = (got.double() - expected).norm(dim=-1) / expected.norm(dim=-1)
+    assert err.max() < 0.03  # a few bf16 roundings (eps 2^-8) per output
+    q32, k32, v32 = q.float().requires_grad_(), k.float(), v.float()
+    qb = q32.detach().to(dtype).requires_grad_()
+    (attend(qb, k32.to(dtype), v32.to(dtype), 0.25).float() * v32[..., :1]).sum().backward()
+    ((((q32 @ k32.transpose(-2, -1)) * 0.25).softmax(-1) @ v32) * v32[..., :1]).sum().backward()
+    cos = F.cosine_similarity(qb.grad.float().flatten(), q32.grad.flatten(), dim=0)
+    assert cos > 0.99
 
 
 @pytest.mark.parametrize("n", [1, 3])
