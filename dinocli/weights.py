@@ -179,7 +179,8 @@ def infer_backbone_spec(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
         }
         name = layouts.get((blocks, bottleneck))
         if name in RESNETS:
-            return {"name": name, "kwargs": {}}
+            stem = "small" if state_dict["conv1.weight"].shape[-1] == 3 else "imagenet"
+            return {"name": name, "kwargs": {"stem": stem}}
     raise UsageError("cannot tell which backbone these weights belong to; pass --arch")
 
 

@@ -129,3 +129,17 @@ def test_reduced_decoding_of_other_jpeg_modes(tmp_path, mode):
     views = MultiCropDataset([path], aug)[0]
     assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)]
     assert all(torch.isfinite(v).all() for v in views)
+
+
+def test_freed_memory_is_kept_for_reuse_unless_the_environment_says_otherwise(monkeypatch):
+    """``mallopt`` is set where glibc has it, and malloc settings from the environment are kept."""
+    import platform
+
+    from dinocli.augmentations import ops
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    assert ops.reuse_freed_memory.__wrapped__() is False
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert ops.reuse_freed_memory.__wrapped__() is True

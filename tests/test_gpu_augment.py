@@ -178,6 +178,80 @@ def test_batched_views_equal_views_processed_alone(n):
             torch.testing.assert_close(batch[i : i + 1], alone, rtol=0, atol=1e-3)
 
 
+def one_by_one(view: torch.Tensor, p: ViewParams) -> torch.Tensor:
+    """One view ``[1, 3, H, W]`` through the public single operations, in the view's order."""
+    f = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    if p.jitter is not None:
+        ops = (gpu.adjust_brightness, gpu.adjust_contrast, gpu.adjust_saturation, gpu.adjust_hue)
+        factors = (p.jitter.brightness, p.jitter.contrast, p.jitter.saturation, p.jitter.hue)
+        for k in p.jitter.order:
+            view = ops[k](view, f(factors[k]))
+    if p.grayscale:
+        view = gpu.to_grayscale(view)
+    if p.blur_sigma is not None:
+        view = gpu.gaussian_blur(view, f(p.blur_sigma))
+    return gpu.solarize(view) if p.solarize else view
+
+
+@pytest.mark.parametrize("n", [3, 10, 16])
+def test_sorted_seven_step_jitter_equals_each_view_one_operation_at_a_time(n):
+    """Views sorted by where their hue falls, brightness/contrast/saturation of different views in
+    one blend: bit for bit the single operations applied view by view (hue at every position of
+    the order, and every operation, over the seeds)."""
+    images = [levels(make_rgb_image(20, 16, seed=s)) for s in range(n)]
+    hue_at, seen = set(), set()
+    for seed in range(8):
+        params = random_params(n, seed)
+        hue_at.update(p.jitter.order.index(3) for p in params if p.jitter)
+        seen.update(f for p in params for f in ("grayscale", "blur_sigma", "solarize") if getattr(p, f))
+        batch = gpu.colour_views(torch.cat(images).to(torch.uint8), ColourParams.from_views(params))
+        for i, p in enumerate(params):
+            assert torch.equal(batch[i : i + 1], one_by_one(images[i].clone(), p)), (seed, i, p)
+    assert hue_at == {0, 1, 2, 3} and seen == {"grayscale", "blur_sigma", "solarize"}
+
+
+def test_colour_views_sorted_gives_the_order_and_takes_view_params():
+    params = random_params(9, 5)
+    x = torch.cat([levels(make_rgb_image(12, 12, seed=s)) for s in range(9)])
+    want = gpu.colour_views(x.clone(), ColourParams.from_views(params))
+    got, views = gpu.colour_views_sorted(x.clone(), params)  # ViewParams directly
+    assert sorted(views) == list(range(9)) and views != list(range(9))
+    assert torch.equal(got, want[views])
+
+
+def test_mixed_jitter_pass_equals_each_operation():
+    x = torch.cat([levels(make_rgb_image(16, 12, seed=s)) for s in range(6)])
+    kinds, factors = [0, 2, 1, 1, 2, 0], torch.tensor([1.3, 0.8, 0.6, 1.4, 1.2, 0.7], dtype=torch.float64)
+    out = gpu.adjust_jitter_(x.clone(), kinds, factors)
+    single = (gpu.adjust_brightness, gpu.adjust_contrast, gpu.adjust_saturation)
+    for i, k in enumerate(kinds):
+        assert torch.equal(out[i : i + 1], single[k](x[i : i + 1], factors[i : i + 1]))
+    two = gpu.adjust_jitter_(x[:2].clone(), [1, 0], factors[:2])
+    assert torch.equal(two[1:], gpu.adjust_brightness(x[1:2], factors[1:2]))
+    with pytest.raises(ValueError, match="hue"):
+        gpu.adjust_jitter_(x.clone(), [3, 0, 0, 0, 0, 0], factors)
+
+
+def test_jitter_steps_put_every_hue_on_step_three_and_keep_each_order():
+    jitter, orders = [True, True, False, True], [[3, 0, 1, 2], [0, 1, 2, 3], [0, 1, 2, 3], [2, 3, 0, 1]]
+    steps = gpu._jitter_steps(jitter, orders)
+    assert steps[2] == [-1] * gpu.JITTER_STEPS
+    for row, order, on in zip(steps, orders, jitter):
+        if on:
+            assert row[3] == 3 and [k for k in row if k >= 0] == order
+
+
+def test_public_operations_leave_their_input_alone(photo):
+    x = levels(photo)
+    before = x.clone()
+    f = one(1.3)
+    for op in (gpu.adjust_brightness, gpu.adjust_contrast, gpu.adjust_saturation, gpu.gaussian_blur):
+        op(x, f)
+    gpu.adjust_hue(x, one(0.05))
+    gpu.to_grayscale(x), gpu.solarize(x)
+    assert torch.equal(x, before)
+
+
 def reference_colour(image: Image.Image, p: ViewParams) -> Image.Image:
     """The reference's colour steps with torchvision's PIL functions, in order."""
     if p.jitter is not None:

@@ -169,7 +169,24 @@ def test_resnet_state_dicts(tmp_path):
         torch.testing.assert_close(model(X), net(X), rtol=0, atol=0)
 
     spec = infer_backbone_spec(torchvision.models.resnet50(weights=None).state_dict())
-    assert spec == {"name": "resnet50", "kwargs": {}}
+    assert spec == {"name": "resnet50", "kwargs": {"stem": "imagenet"}}
+
+
+def test_small_stem_resnet_round_trips_through_a_file(tmp_path):
+    small = dinocli.create_backbone("resnet18", img_size=32).eval()
+    assert small.conv1.kernel_size == (3, 3) and small.conv1.stride == (1, 1)
+    assert isinstance(small.maxpool, torch.nn.Identity)
+    assert dinocli.create_backbone("resnet18", img_size=64).conv1.kernel_size == (7, 7)
+    path = tmp_path / "small.pth"
+    torch.save(small.state_dict(), path)  # no metadata: the stem is read from conv1's shape
+    loaded = dinocli.load_backbone(path)
+    assert loaded.stem == "small"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), small(x), rtol=0, atol=0)
+    # a 32-px input keeps 4x4 positions before pooling with the small stem, 1x1 with ImageNet's
+    with torch.no_grad():
+        assert small.layer4(small.layer3(small.layer2(small.layer1(small.conv1(x))))).shape[-1] == 4
 
 
 # -- errors ---------------------------------------------------------------------------------------

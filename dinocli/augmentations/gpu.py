@@ -18,12 +18,15 @@ The operations and their order are torchvision's (``ColorJitter`` with a random 
   are grouped by kernel length, so small sigmas use the 7-tap kernel;
 - solarisation: levels ``>= 128`` (after rounding) become ``255 - level``, i.e. ``min(x, 255 - x)``.
 
-On CPUs the cost is the number of passes over the pixels, so each operation avoids temporaries,
-bool-to-float conversions and ``torch.where`` (slow there).
+On CPUs the cost is the number of passes over the pixels and of calls, so each operation works
+in place on the views it is given (slices of the batch), avoids temporaries, bool-to-float
+conversions and ``torch.where`` (slow there), and the jitter of all views takes seven passes (see
+:func:`colour_views_sorted`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -90,12 +93,16 @@ class ColourParams:
 
 
 # --- single operations on [B, 3, H, W] float levels, factors [B] ---------------------------------
+#
+# Each public operation returns a new tensor; the pipeline uses the in-place versions (trailing
+# ``_``), which run the same arithmetic on the views they are given (slices of a batch): no copies.
 
 
 def grey(x: torch.Tensor) -> torch.Tensor:
     """The grey levels ``[B, 1, H, W]`` of RGB levels ``[B, 3, H, W]``, rounded (PIL's ``L``)."""
-    r, g, b = GREY_WEIGHTS
-    return (x[:, 0:1] * r).add_(x[:, 1:2], alpha=g).add_(x[:, 2:3], alpha=b).round_()
+    wr, wg, wb = GREY_WEIGHTS
+    r, g, b = x.chunk(3, dim=1)
+    return (r * wr).add_(g, alpha=wg).add_(b, alpha=wb).round_()
 
 
 def _per_view(factor: torch.Tensor, x: torch.Tensor) -> torch.Tensor | float:
@@ -105,33 +112,30 @@ def _per_view(factor: torch.Tensor, x: torch.Tensor) -> torch.Tensor | float:
     return factor.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
 
 
-def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """``x * factor``, clamped to ``[0, 255]`` and truncated to a level (PIL's ``Image.blend``)."""
-    return (x * _per_view(factor, x)).clamp_(0, 255).floor_()
+def _blend_(x: torch.Tensor, ref: torch.Tensor | float, factor: torch.Tensor) -> torch.Tensor:
+    """``ref + factor (x - ref)`` in place, clamped to ``[0, 255]`` and truncated (``Image.blend``)."""
+    return x.sub_(ref).mul_(_per_view(factor, x)).add_(ref).clamp_(0, 255).floor_()
 
 
-def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Blend with the mean grey level (rounded to a whole level, as PIL does)."""
-    mean = grey(x).mean(dim=(1, 2, 3), keepdim=True).add_(0.5).floor_()
-    f = _per_view(factor, x)
-    return ((x - mean).mul_(f).add_(mean)).clamp_(0, 255).floor_()
+def _mean_grey(g: torch.Tensor) -> torch.Tensor:
+    """The mean of grey levels ``[B, 1, H, W]`` per view, rounded to a whole level (as PIL does)."""
+    return g.mean(dim=(1, 2, 3), keepdim=True).add_(0.5).floor_()
 
 
-def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Blend with the grey image (truncated to a level, as PIL's ``Image.blend``)."""
-    g = grey(x)
-    return ((x - g).mul_(_per_view(factor, x)).add_(g)).clamp_(0, 255).floor_()
+def _brightness_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return x.mul_(_per_view(factor, x)).clamp_(0, 255).floor_()
 
 
-def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Rotate the HSV hue by ``int(factor * 255) / 255`` turns; value and saturation are kept.
+def _contrast_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend_(x, _mean_grey(grey(x)), factor)
 
-    With the hue ``H`` in sixths of a turn, each channel of the result is
-    ``min + chroma * clamp(d - 1, 0, 1)`` where ``d`` is the distance of ``H + shift + n - 2``
-    to the nearest multiple of 6 (``n`` = 5, 3, 1 for R, G, B): the usual HSV-to-RGB formula,
-    written ``d = ||H + o| - 3|`` with ``o`` the channel's offset reduced to ``[-5, 1)``.
-    """
-    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+
+def _saturation_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend_(x, grey(x), factor)
+
+
+def _hue_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.chunk(3, dim=1)
     mx = torch.maximum(r, g)
     torch.maximum(mx, b, out=mx)
     mn = torch.minimum(r, g)
@@ -147,10 +151,57 @@ def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     shifts = [math.trunc(f * 255) * (6 / 255) for f in factor.tolist()]  # PIL: whole 1/255 turns
     offsets = torch.tensor([[(s + n) % 6 - 5 for n in (5.0, 3.0, 1.0)] for s in shifts], dtype=x.dtype)
     k = hue + offsets.view(-1, 3, 1, 1).to(x.device, non_blocking=True)  # in [-6, 6)
-    return torch.addcmul(mn, k.abs_().sub_(3).abs_().sub_(1).clamp_(0, 1), chroma).round_()
+    return torch.addcmul(mn, k.abs_().sub_(3).abs_().sub_(1).clamp_(0, 1), chroma, out=x).round_()
 
 
-_JITTER = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``x * factor``, clamped to ``[0, 255]`` and truncated to a level (PIL's ``Image.blend``)."""
+    return _brightness_(x.clone(), factor)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend with the mean grey level (rounded to a whole level, as PIL does)."""
+    return _contrast_(x.clone(), factor)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend with the grey image (truncated to a level, as PIL's ``Image.blend``)."""
+    return _saturation_(x.clone(), factor)
+
+
+def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Rotate the HSV hue by ``int(factor * 255) / 255`` turns; value and saturation are kept.
+
+    With the hue ``H`` in sixths of a turn, each channel of the result is
+    ``min + chroma * clamp(d - 1, 0, 1)`` where ``d`` is the distance of ``H + shift + n - 2``
+    to the nearest multiple of 6 (``n`` = 5, 3, 1 for R, G, B): the usual HSV-to-RGB formula,
+    written ``d = ||H + o| - 3|`` with ``o`` the channel's offset reduced to ``[-5, 1)``.
+    """
+    return _hue_(x.clone(), factor)
+
+
+_JITTER = (_brightness_, _contrast_, _saturation_, _hue_)
+
+
+def adjust_jitter_(x: torch.Tensor, kinds: Sequence[int], factor: torch.Tensor) -> torch.Tensor:
+    """Jitter operation ``kinds[i]`` (0 brightness, 1 contrast, 2 saturation, 3 hue) of view ``i``,
+    in place.
+
+    Views with different operations among brightness, contrast and saturation are done in one
+    pass, each as the blend ``r + f (x - r)`` with ``r`` zero, its mean grey level or its grey
+    image: the same arithmetic, so the same levels, as each operation alone.
+    """
+    if len(set(kinds)) == 1:
+        return _JITTER[kinds[0]](x, factor)
+    if 3 in kinds:
+        raise ValueError("hue cannot be done in one pass with other jitter operations")
+    g = grey(x)
+    masks = torch.tensor([[k == 1, k == 2] for k in kinds], dtype=x.dtype).to(x.device, non_blocking=True)
+    is_contrast, is_saturation = masks.T.reshape(2, -1, 1, 1, 1)
+    ref = _mean_grey(g).mul_(is_contrast)
+    if 2 in kinds:
+        ref = g.mul_(is_saturation).add_(ref)  # exactly 0, the mean or the grey image
+    return _blend_(x, ref, factor)
 
 
 def to_grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -158,9 +209,17 @@ def to_grayscale(x: torch.Tensor) -> torch.Tensor:
     return grey(x).expand_as(x).contiguous()
 
 
+def _grayscale_(x: torch.Tensor) -> torch.Tensor:
+    return x.copy_(grey(x).expand_as(x))
+
+
 def solarize(x: torch.Tensor) -> torch.Tensor:
     """Levels that round to 128 or more become ``255 - level``."""
     return torch.minimum(x, 255 - x)  # 255 - x < x exactly when x > 127.5
+
+
+def _solarize_(x: torch.Tensor) -> torch.Tensor:
+    return torch.minimum(x, 255 - x, out=x)
 
 
 def pil_blur_kernel(sigma: float, passes: int = BLUR_PASSES) -> torch.Tensor:
@@ -186,16 +245,16 @@ def pil_blur_kernel(sigma: float, passes: int = BLUR_PASSES) -> torch.Tensor:
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """PIL's Gaussian blur of each view with its own ``sigma`` (all > 0), edges extended."""
-    return _blur_where(x, sigma.tolist())
+    return _blur_where(x.clone(), sigma.tolist())
 
 
 def _blur_where(x: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
-    """:func:`gaussian_blur` of the views whose sigma is > 0, in groups of equal kernel length
-    (7 taps below sigma ~1.41, 13 above): a small sigma costs a short kernel."""
+    """:func:`gaussian_blur` in place of the views whose sigma is > 0, in groups of equal kernel
+    length (7 taps below sigma ~1.41, 13 above): a small sigma costs a short kernel."""
     halves = [_half_kernel(s) if s > 0 else [] for s in sigmas]
     for n in sorted({len(h) for h in halves} - {0}):
         weights = torch.tensor([h if len(h) == n else [0.0] * n for h in halves], dtype=x.dtype)
-        x = _apply_to(x, [len(h) == n for h in halves], _blur, weights)
+        x = _apply_to(x, [len(h) == n for h in halves], _blur_, weights, max_runs=1)
     return x
 
 
@@ -205,28 +264,27 @@ def _half_kernel(sigma: float) -> list[float]:
     return kernel[len(kernel) // 2 :].tolist()
 
 
-def _blur(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Symmetric kernels (``weights``: ``[B, n]``, centre first) applied to rows then columns, as
-    sums of shifted slices of the edge-extended views (faster than a convolution on CPUs).
+def _blur_(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Symmetric kernels (``weights``: ``[B, n]``, centre first) applied in place to rows then
+    columns, as sums of shifted slices of the edge-extended views (faster than a convolution on CPUs).
 
     The views are extended on all sides once: blurring the extended rows gives the rows the
     column pass needs (extending an edge commutes with blurring along it).
     """
     half = weights.shape[1] - 1
-    w = weights.to(x.device, non_blocking=True).view(-1, 1, 1, 1, half + 1)
-    h, wd = x.shape[-2:]
+    w = weights.to(x.device, non_blocking=True).view(-1, 1, 1, 1, half + 1).unbind(-1)
     padded = F.pad(x, (half, half, half, half), mode="replicate")
-    rows = padded[..., half : half + wd] * w[..., 0]  # [B, C, h + 2 half, wd]
+    shifted = padded.unfold(-1, x.shape[-1], 1).unbind(-2)  # padded[..., j : j + wd] for each j
+    rows = shifted[half] * w[0]
     pair = torch.empty_like(rows)  # one buffer for the sum of the two slices at each distance
     for j in range(1, half + 1):
-        torch.add(padded[..., half - j : half - j + wd], padded[..., half + j : half + j + wd], out=pair)
-        rows.addcmul_(pair, w[..., j])
-    out = rows[..., half : half + h, :] * w[..., 0]
-    pair = pair[..., :h, :]
+        rows.addcmul_(torch.add(shifted[half - j], shifted[half + j], out=pair), w[j])
+    shifted = rows.unfold(-2, x.shape[-2], 1).transpose(-1, -2).unbind(-3)  # rows[..., j : j + h, :]
+    torch.mul(shifted[half], w[0], out=x)
+    pair = pair[..., : x.shape[-2], :]
     for j in range(1, half + 1):
-        torch.add(rows[..., half - j : half - j + h, :], rows[..., half + j : half + j + h, :], out=pair)
-        out.addcmul_(pair, w[..., j])
-    return out.round_()
+        x.addcmul_(torch.add(shifted[half - j], shifted[half + j], out=pair), w[j])
+    return x.round_()
 
 
 # --- the whole colour pipeline -------------------------------------------------------------------
@@ -244,39 +302,110 @@ def _runs(select: list[bool]) -> list[tuple[int, int]]:
     return runs
 
 
-def _apply_to(x: torch.Tensor, select: list[bool], fn, *args: torch.Tensor) -> torch.Tensor:
-    """``fn`` applied to the views where ``select`` holds: on slices when they form at most two
-    runs of consecutive views (no copies; the views of one image), else on one gathered copy."""
+def _apply_to(
+    x: torch.Tensor, select: list[bool], fn, *args: torch.Tensor | list, max_runs: int = 2
+) -> torch.Tensor:
+    """The in-place operation ``fn`` applied to the views where ``select`` holds, with the matching
+    entries of ``args`` (tensors or lists): on slices when they form at most ``max_runs`` runs of
+    consecutive views (no copies), else on one gathered copy."""
     runs = _runs(select)
-    if len(runs) == 1 and runs[0] == (0, x.shape[0]):
-        return fn(x, *args)
-    if len(runs) <= 2:
+    if len(runs) <= max_runs:
         for start, stop in runs:
-            x[start:stop] = fn(x[start:stop], *(a[start:stop] for a in args))
+            fn(x[start:stop], *(a[start:stop] for a in args))
         return x
-    index = torch.tensor([i for i, flag in enumerate(select) if flag])
+    rows = [i for i, flag in enumerate(select) if flag]
+    index = torch.tensor(rows)
     device_index = index.to(x.device, non_blocking=True)
-    return x.index_copy_(0, device_index, fn(x.index_select(0, device_index), *(a[index] for a in args)))
+    picked = (a[index] if isinstance(a, torch.Tensor) else [a[i] for i in rows] for a in args)
+    return x.index_copy_(0, device_index, fn(x.index_select(0, device_index), *picked))
 
 
-def colour_views(x: torch.Tensor, params: ColourParams) -> torch.Tensor:
+#: Steps of the colour jitter in :func:`colour_views_sorted`: every view does its hue at step 3.
+JITTER_STEPS = 7
+
+
+def _jitter_steps(jitter: list[bool], order: list[list[int]]) -> list[list[int]]:
+    """The jitter operation of each view at each of :data:`JITTER_STEPS` steps (-1: none).
+
+    A view whose hue comes at position ``h`` of its order does position ``p`` at step
+    ``p + 3 - h``: every hue falls on step 3, and with the views sorted by ``h`` (latest first,
+    views without jitter last) the views of each step are consecutive.
+    """
+    steps = []
+    for on, o in zip(jitter, order):
+        row = [-1] * JITTER_STEPS
+        if on:
+            shift = 3 - o.index(3)
+            for position, op in enumerate(o):
+                row[position + shift] = op
+        steps.append(row)
+    return steps
+
+
+def _take(x: torch.Tensor, index: list[int]) -> torch.Tensor:
+    """The views ``x[index]`` (``x`` itself when ``index`` keeps them in place)."""
+    if index == list(range(x.shape[0])):
+        return x
+    return x.index_select(0, torch.tensor(index).to(x.device, non_blocking=True))
+
+
+def colour_views(x: torch.Tensor, params: ColourParams | Sequence[ViewParams]) -> torch.Tensor:
     """Colour jitter, grayscale, blur and solarisation of ``x`` (``[B, 3, H, W]``, levels 0-255).
 
-    ``x`` may be uint8 (converted) or float (changed in place). Parameters stay on the CPU: which
-    views each operation applies to is decided there, so nothing waits on the device.
+    ``x`` may be uint8 (converted) or float (may be changed in place); ``params``: the views' colour
+    parameters, or their :class:`ViewParams`. Parameters stay on the CPU: which views each
+    operation applies to is decided there, so nothing waits on the device.
     """
-    if len(params) != x.shape[0]:
-        raise ValueError(f"{len(params)} colour parameters for {x.shape[0]} views")
-    x = x.float() if not x.is_floating_point() else x
-    jitter = params.jitter.tolist()
-    order = params.order.tolist()
-    for position in range(4):
-        for op in range(4):
-            select = [on and o[position] == op for on, o in zip(jitter, order)]
-            x = _apply_to(x, select, _JITTER[op], params.factors[:, op])
-    x = _apply_to(x, params.grayscale.tolist(), to_grayscale)
-    x = _blur_where(x, params.blur_sigma.tolist())
-    return _apply_to(x, params.solarize.tolist(), solarize)
+    x, views = colour_views_sorted(x, params)
+    return _take(x, sorted(range(len(views)), key=views.__getitem__))
+
+
+def colour_views_sorted(
+    x: torch.Tensor, params: ColourParams | Sequence[ViewParams]
+) -> tuple[torch.Tensor, list[int]]:
+    """:func:`colour_views` with the views left in the order it processed them: row ``j`` of the
+    result is view ``views[j]``, for ``(result, views)`` returned.
+
+    The jitter takes seven passes, one per step of :func:`_jitter_steps`, each over consecutive
+    views once the views are sorted (more than two views; two are at most two runs anyway). Each
+    view gets the same arithmetic as its operations one by one.
+    """
+    n = x.shape[0]
+    if len(params) != n:
+        raise ValueError(f"{len(params)} colour parameters for {n} views")
+    jitter, order, factors, grayscale, sigma, solar = _param_lists(params)
+    steps = _jitter_steps(jitter, order)
+    views = list(range(n))
+    if n > 2:
+        first = [next((step for step, k in enumerate(row) if k >= 0), JITTER_STEPS) for row in steps]
+        views.sort(key=first.__getitem__)  # latest hue first, no jitter last
+    x = _take(x, views).to(torch.float32, memory_format=torch.contiguous_format)
+    steps = [steps[v] for v in views]
+    step_factors = torch.tensor(
+        [[factors[v][k] if k >= 0 else 1.0 for k in row] for v, row in zip(views, steps)], dtype=torch.float64
+    ).reshape(n, JITTER_STEPS)
+    for step in range(JITTER_STEPS):
+        kinds = [row[step] for row in steps]
+        x = _apply_to(x, [k >= 0 for k in kinds], adjust_jitter_, kinds, step_factors[:, step])
+    x = _apply_to(x, [grayscale[v] for v in views], _grayscale_)
+    x = _blur_where(x, [sigma[v] for v in views])
+    return _apply_to(x, [solar[v] for v in views], _solarize_), views
+
+
+def _param_lists(params: ColourParams | Sequence[ViewParams]) -> tuple[list, list, list, list, list, list]:
+    """Jitter flags, orders, factors, grayscale flags, blur sigmas (0: none), solarise flags."""
+    if isinstance(params, ColourParams):
+        fields = ColourParams.__dataclass_fields__
+        return tuple(getattr(params, f).tolist() for f in fields)  # type: ignore[return-value]
+    js = [p.jitter for p in params]
+    return (
+        [j is not None for j in js],
+        [list(j.order) if j else [0, 0, 0, 0] for j in js],
+        [[j.brightness, j.contrast, j.saturation, j.hue] if j else [1.0, 1.0, 1.0, 0.0] for j in js],
+        [p.grayscale for p in params],
+        [p.blur_sigma or 0.0 for p in params],
+        [p.solarize for p in params],
+    )
 
 
 def colour_batch(
@@ -297,7 +426,7 @@ def colour_batch(
     out: list[torch.Tensor] = [torch.empty(0)] * len(crops)
     for members in groups.values():
         x = torch.cat([crops[v].to(device, non_blocking=True) for v in members])
-        x = colour_views(x.float(), ColourParams.cat([colour[v] for v in members]))
+        x = colour_views(x, ColourParams.cat([colour[v] for v in members]))
         x = normalize(x, mean, std)
         for v, part in zip(members, x.split([crops[v].shape[0] for v in members])):
             out[v] = part
@@ -306,6 +435,15 @@ def colour_batch(
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """``(x / 255 - mean) / std`` per channel, as float32 ``[B, 3, H, W]`` (a new tensor)."""
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=x.device).view(1, 3, 1, 1)
-    shift = torch.tensor([m / s for m, s in zip(mean, std)], device=x.device).view(1, 3, 1, 1)
+    scale, shift = _normalizer(tuple(mean), tuple(std), x.device)
     return x.float().mul(scale).sub_(shift)
+
+
+@functools.lru_cache(maxsize=16)
+def _normalizer(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel scale and shift of :func:`normalize`, made once per device."""
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device).view(1, 3, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(mean, std)], device=device).view(1, 3, 1, 1)
+    return scale, shift

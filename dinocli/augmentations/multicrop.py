@@ -32,7 +32,6 @@ from PIL import Image
 
 import dinocli
 from dinocli.augmentations import gpu, ops
-from dinocli.augmentations.gpu import ColourParams
 from dinocli.augmentations.params import UNIFORMS_PER_VIEW, ViewParams, ViewSpec, sample_view
 from dinocli.data import to_rgb
 from dinocli.errors import UsageError
@@ -102,6 +101,7 @@ class DinoMultiCrop:
         ``scale``: the size of ``image`` relative to the one ``params`` were sampled for (an image
         decoded at reduced size, see :meth:`draft_factor`); boxes are rounded to its pixels.
         """
+        ops.reuse_freed_memory()  # in the process that augments (a data loader worker)
         src = ops.image_to_uint8(to_rgb(image))
         height, width = src.shape[-2:]
         out = []
@@ -127,10 +127,10 @@ class DinoMultiCrop:
             groups.setdefault(tuple(crop.shape), []).append(i)
         views: list[torch.Tensor] = [torch.empty(0)] * len(crops)
         for members in groups.values():
-            x = torch.stack([crops[i] for i in members]).to(torch.float32, memory_format=torch.contiguous_format)
-            x = gpu.colour_views(x, ColourParams.from_views([params[i] for i in members]))
-            for i, view in zip(members, gpu.normalize(x, self.mean, self.std)):
-                views[i] = view
+            x = torch.stack([crops[i] for i in members])
+            x, order = gpu.colour_views_sorted(x, [params[i] for i in members])
+            for j, view in zip(order, gpu.normalize(x, self.mean, self.std)):
+                views[members[j]] = view
         return views
 
     # -- decoding at reduced size ------------------------------------------------------------
