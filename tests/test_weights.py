@@ -184,6 +184,12 @@ def test_small_stem_resnet_round_trips_through_a_file(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), small(x), rtol=0, atol=0)
+    from dinocli.export import export_backbone
+
+    exported = tmp_path / "small.safetensors"
+    export_backbone(path, exported)  # the export's metadata carries the stem
+    with torch.no_grad():
+        torch.testing.assert_close(dinocli.load_backbone(exported)(x), small(x), rtol=0, atol=0)
     # a 32-px input keeps 4x4 positions before pooling with the small stem, 1x1 with ImageNet's
     with torch.no_grad():
         assert small.layer4(small.layer3(small.layer2(small.layer1(small.conv1(x))))).shape[-1] == 4
