@@ -51,7 +51,7 @@ def test_explicit_options_override_the_recipe(small_images, tmp_path):
     )
     assert (cfg.out_dim, cfg.lr) == (777, 0.01)  # file and command line beat the recipe
     assert (cfg.arch, cfg.patch_size, cfg.momentum_teacher) == ("vit_tiny", 4, 0.95)  # from it
-    assert cfg.collapse == "centering,koleo"
+    assert cfg.collapse == "sinkhorn-knopp,koleo"
     assert not any("out_dim" in line or " lr " in line for line in lines)
     assert any(line.startswith("recipe small-data: momentum_teacher = 0.95") for line in lines)
 
@@ -80,7 +80,9 @@ def test_auto_scales_prototypes_and_momentum(n_images, prototypes, momentum):
     iterations = 30 * (n_images // 64)
     assert horizon == pytest.approx(min(250, max(20, iterations / 40)), rel=1e-2)
     assert values["arch"] == ("vit_small" if n_images >= 100_000 else "vit_tiny")
-    assert values.get("collapse", "centering") == ("centering" if n_images >= 100_000 else "centering,koleo")
+    assert values.get("collapse", "centering") == (
+        "centering" if n_images >= 100_000 else "sinkhorn-knopp,koleo"
+    )
 
 
 def test_auto_gives_every_choice_a_reason_and_picks_crops_from_image_size():

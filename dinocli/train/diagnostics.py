@@ -92,7 +92,7 @@ ADVICE = {
         "uniform collapse: the teacher's targets are almost uniform and the loss is stuck near "
         "ln(out_dim) = {max_entropy:.3f} (loss {loss:.3f}, teacher entropy {teacher_entropy:.3f}) "
         "since iteration {since}. Centering dominates sharpening: on small data or in short runs "
-        "try --collapse centering,koleo with --momentum-teacher 0.95 (what --recipe small-data "
+        "try --collapse sinkhorn-knopp,koleo with --momentum-teacher 0.95 (what --recipe small-data "
         "does); otherwise a lower --teacher-temp (e.g. 0.04) and --warmup-teacher-temp, a smaller "
         "--lr, or --collapse sinkhorn-knopp."
     ),
