@@ -65,17 +65,15 @@ class ColourParams:
     @staticmethod
     def from_views(params: Sequence[ViewParams]) -> ColourParams:
         """The colour parameters of the views ``params`` (from ``DinoMultiCrop.sample``)."""
-        n, js = len(params), [p.jitter for p in params]
+        n = len(params)
+        jitter, order, factors, grayscale, sigma, solar = _view_lists(params)
         return ColourParams(
-            jitter=torch.tensor([j is not None for j in js], dtype=torch.bool),
-            order=torch.tensor([j.order if j else (0, 0, 0, 0) for j in js], dtype=torch.int64).reshape(n, 4),
-            factors=torch.tensor(
-                [(j.brightness, j.contrast, j.saturation, j.hue) if j else (1.0, 1.0, 1.0, 0.0) for j in js],
-                dtype=torch.float64,
-            ).reshape(n, 4),
-            grayscale=torch.tensor([p.grayscale for p in params], dtype=torch.bool),
-            blur_sigma=torch.tensor([p.blur_sigma or 0.0 for p in params], dtype=torch.float64).reshape(n),
-            solarize=torch.tensor([p.solarize for p in params], dtype=torch.bool),
+            jitter=torch.tensor(jitter, dtype=torch.bool),
+            order=torch.tensor(order, dtype=torch.int64).reshape(n, 4),
+            factors=torch.tensor(factors, dtype=torch.float64).reshape(n, 4),
+            grayscale=torch.tensor(grayscale, dtype=torch.bool),
+            blur_sigma=torch.tensor(sigma, dtype=torch.float64).reshape(n),
+            solarize=torch.tensor(solar, dtype=torch.bool),
         )
 
     def select(self, index: int) -> ColourParams:
@@ -397,6 +395,12 @@ def _param_lists(params: ColourParams | Sequence[ViewParams]) -> tuple[list, lis
     if isinstance(params, ColourParams):
         fields = ColourParams.__dataclass_fields__
         return tuple(getattr(params, f).tolist() for f in fields)  # type: ignore[return-value]
+    return _view_lists(params)
+
+
+def _view_lists(params: Sequence[ViewParams]) -> tuple[list, list, list, list, list, list]:
+    """The fields of :class:`ColourParams` as lists, for views ``params`` (identity jitter and
+    sigma 0 where an operation does not apply)."""
     js = [p.jitter for p in params]
     return (
         [j is not None for j in js],
