@@ -1,19 +1,26 @@
 """Recipes on small data: teacher k-NN top-1 after the same wall-clock budget on this machine.
 
     python benchmarks/small_data.py [--minutes 40] [--data ../shared/datasets/cifar10_sub]
-        [--recipes reference small-data auto] [--output runs/small-data-bench]
+        [--recipes reference small-data auto] [--output runs/small-data-bench] [--curve]
 
 For each recipe: a short probe measures the time per iteration, the number of epochs that fits in
 the budget is set with ``--epochs`` (so each recipe's schedules fit its run), the run trains, and
-the teacher's k-NN top-1 (k=20, val against train) is measured with the code of ``dino knn``. The
-same network at random initialisation and raw pixels are measured in the same run. ``reference``
-gets the sizes the reference recipe needs for 32-px images (ViT-Tiny/4, 32/16-px crops, 6 local
-crops, 4096 prototypes), as in the recipes issue. Prints one table and the machine.
+the teacher's k-NN top-1 (k=20, val against train) is measured with the code of ``dino knn``. A
+recipe that resolves to the same configuration as one before it (``auto`` may choose exactly what
+``small-data`` sets) is not trained again: its row says so and repeats that result. The same
+network at random initialisation and raw pixels are measured in the same run. ``reference`` gets
+the sizes the reference recipe needs for 32-px images (ViT-Tiny/4, 32/16-px crops, 6 local crops,
+4096 prototypes), as in the recipes issue. Prints one table and the machine.
+
+``--curve`` also measures the k-NN after every epoch (as ``dino pretrain --knn-every 1`` does:
+37-px resize, 32-px centre crop) and prints each recipe's curve against its training minutes; the
+evaluations' own time is not counted as training.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -26,16 +33,18 @@ import torch
 import dinocli
 from dinocli.distributed import ProcessGroup
 from dinocli.evaluate import backbone_for_eval, extract_folder, knn_features
-from dinocli.train import pretrain, resolve_config
+from dinocli.train import PretrainConfig, pretrain, resolve_config
 from dinocli.train.loop import Trainer
 
 REFERENCE_SIZES = dict(arch="vit_tiny", patch_size=4, global_crop_size=32, local_crop_size=16,
                        local_crops_number=6, out_dim=4096)
 
 
-def options(recipe: str, data: Path, output: Path, epochs: int | None) -> dict:
+def options(recipe: str, data: Path, output: Path, epochs: int | None, curve: bool = False) -> dict:
     values = {"recipe": recipe, "data": str(data / "train"), "output": str(output),
               "progress": False, "saveckp_freq": 0, "num_workers": 1}
+    if curve:
+        values.update(knn_every=1, knn_train=str(data / "train"), knn_val=str(data / "val"))
     if recipe == "reference":
         values.update(REFERENCE_SIZES, warmup_epochs=min(10, max(1, (epochs or 10) // 10)))
     if epochs is not None:
@@ -64,6 +73,27 @@ def seconds_per_epoch(recipe: str, data: Path, scratch: Path, probe_iters: int =
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def signature(cfg: PretrainConfig) -> str:
+    """What makes two runs the same: every option except the recipe's name and the run folder."""
+    values = dataclasses.asdict(cfg)
+    values.pop("recipe"), values.pop("output")
+    return json.dumps(values, sort_keys=True, default=str)
+
+
+def training_curve(history: list[dict]) -> list[tuple[int, float, float]]:
+    """``(epoch, training minutes so far, k-NN top-1)`` after each epoch, from a run's history."""
+    minutes, knn, curve = 0.0, {}, []
+    for record in history:
+        if record.get("summary") == "knn":
+            knn[record["epoch"]] = record["knn_top1"]
+    for record in history:
+        if record.get("summary") == "epoch":
+            minutes += record["epoch_time_s"] / 60
+            if record["epoch"] in knn:
+                curve.append((record["epoch"] + 1, round(minutes, 1), knn[record["epoch"]]))
+    return curve
+
+
 def knn_top1(model: torch.nn.Module, data: Path, size: int) -> float:
     opts = dict(resize=size, crop_size=size, precision="fp32")
     train = extract_folder(model, data / "train", **opts)
@@ -78,24 +108,36 @@ def main() -> None:
                         default=Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10_sub")
     parser.add_argument("--recipes", nargs="+", default=["reference", "small-data", "auto"])
     parser.add_argument("--output", type=Path, default=Path("runs/small-data-bench"))
+    parser.add_argument("--curve", action="store_true", help="k-NN after every epoch of each trained recipe")
     args = parser.parse_args()
     if not (args.data / "train").is_dir():
         raise SystemExit(f"data set not found: {args.data} (see ../shared/datasets/README.md)")
 
-    rows = []
+    rows, probed, trained, curves = [], {}, {}, {}
     for recipe in args.recipes:
-        per_epoch = seconds_per_epoch(recipe, args.data, args.output / f"probe-{recipe}")
-        epochs = max(1, int(args.minutes * 60 / per_epoch))
+        probe = signature(resolve_config(overrides=options(recipe, args.data, args.output, 100)))
+        if probe not in probed:
+            probed[probe] = seconds_per_epoch(recipe, args.data, args.output / f"probe-{recipe}")
+        epochs = max(1, int(args.minutes * 60 / probed[probe]))
         run = args.output / recipe
         shutil.rmtree(run, ignore_errors=True)
-        cfg = resolve_config(overrides=options(recipe, args.data, run, epochs))
+        cfg = resolve_config(overrides=options(recipe, args.data, run, epochs, args.curve))
+        same = trained.get(signature(cfg))
+        if same is not None:
+            rows.append({**same, "what": f"{recipe} (= {same['what']}: same configuration, not trained again)"})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
         start = time.perf_counter()
-        pretrain(cfg)
-        train_min = (time.perf_counter() - start) / 60
+        history = pretrain(cfg).history
+        evaluating = sum(record["knn_time_s"] for record in history if record.get("summary") == "knn")
+        train_min = (time.perf_counter() - start - evaluating) / 60
+        if args.curve:
+            curves[recipe] = training_curve(history)
         top1 = knn_top1(dinocli.load_backbone(run / "checkpoint.pth"), args.data, cfg.global_crop_size)
         rows.append({"what": recipe, "epochs": epochs, "train_min": round(train_min, 1), "knn_top1": top1,
                      "arch": f"{cfg.arch}/{cfg.patch_size}", "out_dim": cfg.out_dim,
                      "momentum": cfg.momentum_teacher, "lr": cfg.lr})
+        trained[signature(cfg)] = rows[-1]
         print(json.dumps(rows[-1]), flush=True)
 
     random_model, _ = backbone_for_eval(random_init=True, arch="vit_tiny", patch_size=4, img_size=32)
@@ -105,10 +147,14 @@ def main() -> None:
 
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}; budget {args.minutes:g} min per recipe; data {args.data}")
-    print(f"{'what':<26}{'epochs':>7}{'train min':>10}{'k-NN top-1':>12}")
+    width = max(26, *(len(row["what"]) + 2 for row in rows))
+    print(f"{'what':<{width}}{'epochs':>7}{'train min':>10}{'k-NN top-1':>12}")
     for row in rows:
-        print(f"{row['what']:<26}{row.get('epochs', ''):>7}{row.get('train_min', ''):>10}"
+        print(f"{row['what']:<{width}}{row.get('epochs', ''):>7}{row.get('train_min', ''):>10}"
               f"{row['knn_top1']:>11.1f}%")
+    for recipe, curve in curves.items():
+        print(f"\n{recipe}, k-NN top-1 after each epoch (epoch: training minutes, top-1):")
+        print("  " + "  ".join(f"{epoch}: {minutes:g} min {top1:.1f}%" for epoch, minutes, top1 in curve))
 
 
 if __name__ == "__main__":

@@ -3,10 +3,10 @@
 - ``reference``: the reference implementation's defaults, unchanged.
 - ``small-data``: for data sets of thousands to tens of thousands of small images (CIFAR-like,
   32 px) and runs of tens of epochs, where the reference defaults learn nothing: a ViT-Tiny with
-  4-px patches on 32/16-px crops, fewer prototypes, Sinkhorn-Knopp targets with the KoLeo regulariser
-  (without KoLeo the embeddings collapse to a few directions and k-NN falls below random
-  initialisation; Sinkhorn-Knopp learns faster than centering beside it), a
-  fast teacher, and warm-ups fitted to the number of epochs.
+  4-px patches on 32/16-px crops, prototypes scaled to the data set, Sinkhorn-Knopp targets with
+  the KoLeo regulariser (without KoLeo the embeddings collapse to a few directions and k-NN falls
+  below random initialisation; Sinkhorn-Knopp learns faster than centering beside it), a teacher
+  whose EMA horizon fits the run (fast on small data), and warm-ups fitted to the number of epochs.
 - ``auto``: scales every such choice from the data set's size, its image size and ``--epochs``,
   and says why for each value.
 
@@ -85,8 +85,20 @@ def momentum_for(iterations: int) -> float:
 
 
 def prototypes_for(n_images: int) -> int:
-    """About one prototype per two images, as a power of two between 1024 and 65536."""
-    return int(min(65536, max(1024, 2 ** round(math.log2(max(n_images, 2) / 2)))))
+    """About one prototype per image, as a power of two between 1024 and 65536."""
+    return int(min(65536, max(1024, 2 ** round(math.log2(max(n_images, 1))))))
+
+
+def scaled_to_data(n_images: int, epochs: int, batch: int = 64) -> dict[str, tuple[Any, str]]:
+    """Prototypes from the data set's size, and a teacher momentum that fits the run's length."""
+    iterations = epochs * max(1, n_images // batch)
+    return {
+        "out_dim": (prototypes_for(n_images), f"about one prototype per image ({n_images} images)"),
+        "momentum_teacher": (
+            momentum_for(iterations),
+            f"teacher EMA horizon of 1/40 of the run's ~{iterations} iterations (20 to 250)",
+        ),
+    }
 
 
 def crops_for(image_size: int) -> dict[str, int]:
@@ -123,10 +135,13 @@ def reference(**_: Any) -> dict[str, Any]:
     return {}
 
 
-def small_data(epochs: int | None = None, **_: Any) -> dict[str, tuple[Any, str]]:
-    """Fixed choices for CIFAR-like data; the warm-ups follow ``epochs``."""
+def small_data(
+    epochs: int | None = None, n_images: int | None = None, **_: Any
+) -> dict[str, tuple[Any, str]]:
+    """Fixed choices for CIFAR-like data; the warm-ups follow ``epochs``, and the prototypes and
+    teacher momentum the data set's size where it is known (``n_images``)."""
     epochs = epochs or SMALL_DATA_EPOCHS
-    return {
+    values: dict[str, tuple[Any, str]] = {
         "arch": ("vit_tiny", "a small backbone for thousands of images"),
         "patch_size": (4, "4-px patches: 64 tokens on a 32-px crop"),
         "global_crop_size": (32, "32-px global crops for small images"),
@@ -139,6 +154,9 @@ def small_data(epochs: int | None = None, **_: Any) -> dict[str, tuple[Any, str]
         "epochs": (epochs, "the run length the warm-ups are fitted to"),
         **_small_data_training(epochs),
     }
+    if n_images:
+        values.update(scaled_to_data(n_images, epochs))
+    return values
 
 
 def auto(
@@ -148,8 +166,6 @@ def auto(
     if not n_images or not image_size:
         raise UsageError("--recipe auto needs an image folder as --data to scale from")
     epochs = epochs or 100
-    batch = 64
-    iterations = epochs * max(1, n_images // batch)
     small = n_images < 100_000
     crops = crops_for(image_size)
     values: dict[str, tuple[Any, str]] = {
@@ -160,11 +176,7 @@ def auto(
         "patch_size": (crops["patch_size"], f"images of about {image_size} px"),
         "global_crop_size": (crops["global_crop_size"], f"images of about {image_size} px"),
         "local_crop_size": (crops["local_crop_size"], "half the global crop (96 for 224-px crops)"),
-        "out_dim": (prototypes_for(n_images), f"about one prototype per two of the {n_images} images"),
-        "momentum_teacher": (
-            momentum_for(iterations),
-            f"teacher EMA horizon of 1/40 of the run's ~{iterations} iterations (20 to 250)",
-        ),
+        **scaled_to_data(n_images, epochs),
     }
     if small:
         values.update(_small_data_training(epochs))

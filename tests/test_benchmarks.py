@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -42,3 +44,33 @@ def test_knn_benchmark(tmp_path):
     figures = json.loads(out.read_text())
     assert figures["identical"] and figures["flat"]["accuracy"] == figures["reference"]["accuracy"]
     assert figures["ivf"]["recall"]["at_k"]["20"] >= 0.95  # nprobe is calibrated to it
+
+
+def test_small_data_benchmark_trains_each_configuration_once(image_folder_tree, tmp_path, monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("small_data_benchmark", BENCHMARKS / "small_data.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    trained = []
+
+    def pretrain(cfg):
+        trained.append((cfg.recipe, cfg.epochs, cfg.knn_every))
+        history = []
+        for epoch in range(cfg.epochs):
+            history += [{"summary": "epoch", "epoch": epoch, "epoch_time_s": 30.0},
+                        {"summary": "knn", "epoch": epoch, "knn_top1": 30.0 + epoch, "knn_time_s": 0.0}]
+        return types.SimpleNamespace(history=history)
+
+    monkeypatch.setattr(bench, "seconds_per_epoch", lambda *args: 60.0)
+    monkeypatch.setattr(bench, "pretrain", pretrain)
+    monkeypatch.setattr(bench.dinocli, "load_backbone", lambda path: path.parent.name)
+    monkeypatch.setattr(bench, "backbone_for_eval", lambda **kwargs: ("raw" if kwargs.get("raw_pixels") else "random", None))
+    monkeypatch.setattr(bench, "knn_top1", lambda model, data, size: {"raw": 38.0, "random": 28.0}.get(model, 33.0))
+    monkeypatch.setattr(sys, "argv", ["small_data.py", "--data", str(image_folder_tree), "--minutes", "3",
+                                      "--output", str(tmp_path / "runs"), "--recipes", "small-data", "reference",
+                                      "small-data", "--curve"])
+    bench.main()
+    assert trained == [("small-data", 3, 1), ("reference", 3, 1)]
+    table, curves = capsys.readouterr().out.split("machine:")[1].split("\n\n", 1)
+    assert "small-data (= small-data: same configuration, not trained again)" in table
+    assert [line.split()[-1] for line in table.splitlines()[2:]] == ["33.0%", "33.0%", "33.0%", "28.0%", "38.0%"]
+    assert "1: 0.5 min 30.0%  2: 1 min 31.0%  3: 1.5 min 32.0%" in curves

@@ -146,15 +146,15 @@ def monitored_run(tmp_path_factory):
     captured, stderr = io.StringIO(), sys.stderr
     sys.stderr = captured
     try:
-        pretrain(cfg)
+        history = pretrain(cfg).history
     finally:
         sys.stderr = stderr
     records = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
-    return root, records, captured.getvalue()
+    return root, records, captured.getvalue(), history
 
 
 def test_diagnostics_are_logged_on_logged_iterations_and_shown(monitored_run):
-    _, records, log = monitored_run
+    _, records, log, _ = monitored_run
     logged = [r for r in records if "summary" not in r]
     assert [r["iteration"] for r in logged] == [1, 2, 4]
     for r in logged:
@@ -167,9 +167,11 @@ def test_diagnostics_are_logged_on_logged_iterations_and_shown(monitored_run):
 def test_knn_monitor_logs_the_same_figure_as_dino_knn(monitored_run, cli):
     from dinocli.cli import app
 
-    root, records, log = monitored_run
+    root, records, log, history = monitored_run
     knn = [r for r in records if r.get("summary") == "knn"]
     assert len(knn) == 1 and knn[0]["knn_k"] == 20 and knn[0]["iteration"] == 4
+    summaries = [{k: v for k, v in r.items() if k != "time"} for r in records if "summary" in r]
+    assert history == summaries  # the run's result holds what metrics.jsonl does (less the time stamp)
     assert "k-NN top-1 (k=20) of the teacher after epoch 1" in log
     out = root / "knn.json"
     result = cli.invoke(app, [

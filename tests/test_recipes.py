@@ -62,18 +62,32 @@ def test_small_data_fits_warmups_to_the_epochs():
     assert values["warmup_epochs"] == 1 and values["teacher_temp"] == 0.04
     long = {k: v for k, (v, _) in small_data(epochs=300).items()}
     assert long["warmup_epochs"] == 10
+    assert (values["out_dim"], values["momentum_teacher"]) == (4096, 0.95)  # data set size unknown
+
+
+def test_small_data_and_auto_agree_on_cifar_like_data():
+    """5,000 32-px images for 10 epochs (cifar10_sub): auto chooses exactly what small-data sets."""
+    def chosen(recipe, **context):
+        return {k: v for k, (v, _) in recipe(**context).items()}
+
+    small = chosen(small_data, n_images=5000, epochs=10)
+    assert small.pop("epochs") == 10  # small-data also fixes a default run length: auto does not
+    assert chosen(auto, n_images=5000, image_size=32, epochs=10) == small
+    assert (small["out_dim"], small["momentum_teacher"]) == (4096, 0.95)
 
 
 @pytest.mark.parametrize(
     "n_images, prototypes, momentum",
     [
         (1_000, 1024, 0.95),        # 30 epochs x 15 iterations: horizon at its floor of 20
-        (10_000, 4096, 0.9915),     # 30 x 156 = 4680 iterations: horizon 117
+        (10_000, 8192, 0.9915),     # 30 x 156 = 4680 iterations: horizon 117
         (1_000_000, 65536, 0.996),  # ImageNet-sized: the reference's values
     ],
 )
 def test_auto_scales_prototypes_and_momentum(n_images, prototypes, momentum):
     values = {k: v for k, (v, _) in auto(n_images=n_images, image_size=32, epochs=30).items()}
+    small = {k: v for k, (v, _) in small_data(n_images=n_images, epochs=30).items()}
+    assert (small["out_dim"], small["momentum_teacher"]) == (values["out_dim"], values["momentum_teacher"])
     assert values["out_dim"] == prototypes
     assert values["momentum_teacher"] == pytest.approx(momentum, abs=1e-4)
     horizon = 1 / (1 - values["momentum_teacher"])

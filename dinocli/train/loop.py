@@ -74,6 +74,7 @@ class PretrainResult:
     iterations: int
     last_loss: float
     skipped_images: int = 0
+    #: This call's epoch summaries and k-NN evaluations, as written to ``metrics.jsonl``.
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -339,7 +340,9 @@ class Trainer:
                 history.append(record)
                 self.epoch += 1
                 self.save()
-                self._monitor_knn()
+                knn = self._monitor_knn()
+                if knn is not None:
+                    history.append(knn)
         self.display.close()
         if self.group.is_main and self.skipped_images:
             self.display.log(f"{self.skipped_images} unreadable image(s) were skipped in this run")
@@ -497,19 +500,20 @@ class Trainer:
                 f"the last checkpoint ({self.out / LATEST}) is intact"
             ) from exc
 
-    def _monitor_knn(self) -> None:
-        """The teacher's k-NN top-1 when ``--knn-every`` says so (main process; logged and shown)."""
+    def _monitor_knn(self) -> dict[str, Any] | None:
+        """The teacher's k-NN top-1 when ``--knn-every`` says so (main process; logged, shown and
+        returned as its metrics record)."""
         if self.knn is None or not self.knn.due(self.epoch, self.cfg.epochs) or not self.group.is_main:
-            return
+            return None
         result = self.knn.evaluate(self.teacher.backbone)
         self._last_knn = {"knn_top1": result["knn_top1"]}
-        self.metrics.write(
-            {"epoch": self.epoch - 1, "iteration": self.iteration, **result, "summary": "knn"}
-        )
+        record = {"epoch": self.epoch - 1, "iteration": self.iteration, **result, "summary": "knn"}
+        self.metrics.write(record)
         self.display.log(
             f"k-NN top-1 (k={result['knn_k']}) of the teacher after epoch {self.epoch}: "
             f"{result['knn_top1']:.2f}% ({result['knn_time_s']:.1f}s)"
         )
+        return record
 
     # -- checkpoints ------------------------------------------------------------------------
 
