@@ -2,6 +2,7 @@
 
     python benchmarks/small_data.py [--minutes 40] [--data ../shared/datasets/cifar10_sub]
         [--recipes reference small-data auto] [--output runs/small-data-bench] [--curve]
+        [--set KEY=VALUE ...]
 
 For each recipe: a short probe measures the time per iteration, the number of epochs that fits in
 the budget is set with ``--epochs`` (so each recipe's schedules fit its run), the run trains, and
@@ -15,6 +16,11 @@ the sizes the reference recipe needs for 32-px images (ViT-Tiny/4, 32/16-px crop
 ``--curve`` also measures the k-NN after every epoch (as ``dino pretrain --knn-every 1`` does:
 37-px resize, 32-px centre crop) and prints each recipe's curve against its training minutes; the
 evaluations' own time is not counted as training.
+
+``--set KEY=VALUE`` (repeatable; a TOML value, or a bare word for strings) overrides an option in
+every recipe, as the command line of ``dino pretrain`` would: ``--set arch=resnet18 --set
+optimizer=lars`` probes a variant under the same budget. The random-initialisation row is measured
+for each distinct backbone that was trained.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -32,29 +39,52 @@ import torch
 
 import dinocli
 from dinocli.distributed import ProcessGroup
+from dinocli.errors import UsageError
 from dinocli.evaluate import backbone_for_eval, extract_folder, knn_features
 from dinocli.train import PretrainConfig, pretrain, resolve_config
 from dinocli.train.loop import Trainer
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 REFERENCE_SIZES = dict(arch="vit_tiny", patch_size=4, global_crop_size=32, local_crop_size=16,
                        local_crops_number=6, out_dim=4096)
 
 
-def options(recipe: str, data: Path, output: Path, epochs: int | None, curve: bool = False) -> dict:
+def parse_set(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``--set``: the value read as TOML (``0.3``, ``[0.2, 1.0]``, ``true``), else a string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    if key == "epochs":
+        raise argparse.ArgumentTypeError("the budget sets --epochs; use --minutes")
+    try:
+        return key, tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        return key, raw.strip()
+
+
+def options(recipe: str, data: Path, output: Path, epochs: int | None, curve: bool = False,
+            sets: dict | None = None) -> dict:
     values = {"recipe": recipe, "data": str(data / "train"), "output": str(output),
               "progress": False, "saveckp_freq": 0, "num_workers": 1}
     if curve:
         values.update(knn_every=1, knn_train=str(data / "train"), knn_val=str(data / "val"))
     if recipe == "reference":
         values.update(REFERENCE_SIZES, warmup_epochs=min(10, max(1, (epochs or 10) // 10)))
+    values.update(sets or {})
     if epochs is not None:
         values["epochs"] = epochs
     return values
 
 
-def seconds_per_epoch(recipe: str, data: Path, scratch: Path, probe_iters: int = 3) -> float:
+def seconds_per_epoch(recipe: str, data: Path, scratch: Path, probe_iters: int = 3,
+                      sets: dict | None = None) -> float:
     """Time a few training iterations of ``recipe`` (after one warm-up iteration)."""
-    cfg = resolve_config(overrides=options(recipe, data, scratch, 100))
+    cfg = resolve_config(overrides=options(recipe, data, scratch, 100, sets=sets))
     trainer = Trainer(cfg, ProcessGroup(), torch.device("cpu"), "bf16" if cfg.precision == "auto" else cfg.precision)
     try:
         loader = trainer._loader()
@@ -109,19 +139,28 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=["reference", "small-data", "auto"])
     parser.add_argument("--output", type=Path, default=Path("runs/small-data-bench"))
     parser.add_argument("--curve", action="store_true", help="k-NN after every epoch of each trained recipe")
+    parser.add_argument("--set", dest="sets", type=parse_set, action="append", default=[], metavar="KEY=VALUE",
+                        help="override an option in every recipe (repeatable), e.g. --set arch=resnet18")
     args = parser.parse_args()
+    sets = dict(args.sets)
+    variant = "".join(f" {k}={v}" for k, v in sets.items())
     if not (args.data / "train").is_dir():
         raise SystemExit(f"data set not found: {args.data} (see ../shared/datasets/README.md)")
+    try:  # unknown recipes, unknown options and values of the wrong type, before anything trains
+        for recipe in args.recipes:
+            resolve_config(overrides=options(recipe, args.data, args.output, 100, sets=sets))
+    except UsageError as exc:
+        parser.error(str(exc))
 
-    rows, probed, trained, curves = [], {}, {}, {}
+    rows, probed, trained, curves, backbones = [], {}, {}, {}, {}
     for recipe in args.recipes:
-        probe = signature(resolve_config(overrides=options(recipe, args.data, args.output, 100)))
+        probe = signature(resolve_config(overrides=options(recipe, args.data, args.output, 100, sets=sets)))
         if probe not in probed:
-            probed[probe] = seconds_per_epoch(recipe, args.data, args.output / f"probe-{recipe}")
+            probed[probe] = seconds_per_epoch(recipe, args.data, args.output / f"probe-{recipe}", sets=sets)
         epochs = max(1, int(args.minutes * 60 / probed[probe]))
         run = args.output / recipe
         shutil.rmtree(run, ignore_errors=True)
-        cfg = resolve_config(overrides=options(recipe, args.data, run, epochs, args.curve))
+        cfg = resolve_config(overrides=options(recipe, args.data, run, epochs, args.curve, sets))
         same = trained.get(signature(cfg))
         if same is not None:
             rows.append({**same, "what": f"{recipe} (= {same['what']}: same configuration, not trained again)"})
@@ -134,14 +173,17 @@ def main() -> None:
         if args.curve:
             curves[recipe] = training_curve(history)
         top1 = knn_top1(dinocli.load_backbone(run / "checkpoint.pth"), args.data, cfg.global_crop_size)
-        rows.append({"what": recipe, "epochs": epochs, "train_min": round(train_min, 1), "knn_top1": top1,
+        backbones.setdefault((cfg.arch, cfg.patch_size, cfg.global_crop_size), None)
+        rows.append({"what": recipe + variant, "epochs": epochs, "train_min": round(train_min, 1), "knn_top1": top1,
                      "arch": f"{cfg.arch}/{cfg.patch_size}", "out_dim": cfg.out_dim,
                      "momentum": cfg.momentum_teacher, "lr": cfg.lr})
         trained[signature(cfg)] = rows[-1]
         print(json.dumps(rows[-1]), flush=True)
 
-    random_model, _ = backbone_for_eval(random_init=True, arch="vit_tiny", patch_size=4, img_size=32)
-    rows.append({"what": "random init (vit_tiny/4)", "knn_top1": knn_top1(random_model, args.data, 32)})
+    for arch, patch_size, size in backbones:
+        random_model, _ = backbone_for_eval(random_init=True, arch=arch, patch_size=patch_size, img_size=size)
+        name = f"{arch}/{patch_size}" if getattr(random_model, "patch_size", None) else arch
+        rows.append({"what": f"random init ({name})", "knn_top1": knn_top1(random_model, args.data, size)})
     raw, _ = backbone_for_eval(raw_pixels=True, img_size=32)
     rows.append({"what": "raw pixels", "knn_top1": knn_top1(raw, args.data, 32)})
 

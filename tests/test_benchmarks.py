@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import subprocess
 import sys
 import types
 from pathlib import Path
+
+import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -46,10 +49,15 @@ def test_knn_benchmark(tmp_path):
     assert figures["ivf"]["recall"]["at_k"]["20"] >= 0.95  # nprobe is calibrated to it
 
 
-def test_small_data_benchmark_trains_each_configuration_once(image_folder_tree, tmp_path, monkeypatch, capsys):
+def small_data_benchmark() -> types.ModuleType:
     spec = importlib.util.spec_from_file_location("small_data_benchmark", BENCHMARKS / "small_data.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_small_data_benchmark_trains_each_configuration_once(image_folder_tree, tmp_path, monkeypatch, capsys):
+    bench = small_data_benchmark()
     trained = []
 
     def pretrain(cfg):
@@ -60,7 +68,7 @@ def test_small_data_benchmark_trains_each_configuration_once(image_folder_tree, 
                         {"summary": "knn", "epoch": epoch, "knn_top1": 30.0 + epoch, "knn_time_s": 0.0}]
         return types.SimpleNamespace(history=history)
 
-    monkeypatch.setattr(bench, "seconds_per_epoch", lambda *args: 60.0)
+    monkeypatch.setattr(bench, "seconds_per_epoch", lambda *args, **kwargs: 60.0)
     monkeypatch.setattr(bench, "pretrain", pretrain)
     monkeypatch.setattr(bench.dinocli, "load_backbone", lambda path: path.parent.name)
     monkeypatch.setattr(bench, "backbone_for_eval", lambda **kwargs: ("raw" if kwargs.get("raw_pixels") else "random", None))
@@ -74,3 +82,50 @@ def test_small_data_benchmark_trains_each_configuration_once(image_folder_tree, 
     assert "small-data (= small-data: same configuration, not trained again)" in table
     assert [line.split()[-1] for line in table.splitlines()[2:]] == ["33.0%", "33.0%", "33.0%", "28.0%", "38.0%"]
     assert "1: 0.5 min 30.0%  2: 1 min 31.0%  3: 1.5 min 32.0%" in curves
+
+
+def test_small_data_benchmark_set_overrides_every_recipe(image_folder_tree, tmp_path, monkeypatch, capsys):
+    bench = small_data_benchmark()
+    trained, random_init = [], []
+
+    def pretrain(cfg):
+        trained.append((cfg.recipe, cfg.arch, cfg.optimizer, cfg.lr, cfg.global_crops_scale))
+        return types.SimpleNamespace(history=[])
+
+    def backbone_for_eval(**kwargs):
+        if not kwargs.get("raw_pixels"):
+            random_init.append(kwargs["arch"])
+        return "model", None
+
+    monkeypatch.setattr(bench, "seconds_per_epoch", lambda *args, **kwargs: 60.0)
+    monkeypatch.setattr(bench, "pretrain", pretrain)
+    monkeypatch.setattr(bench.dinocli, "load_backbone", lambda path: "model")
+    monkeypatch.setattr(bench, "backbone_for_eval", backbone_for_eval)
+    monkeypatch.setattr(bench, "knn_top1", lambda model, data, size: 30.0)
+    monkeypatch.setattr(sys, "argv", [
+        "small_data.py", "--data", str(image_folder_tree), "--minutes", "2", "--output", str(tmp_path / "runs"),
+        "--recipes", "small-data", "reference", "--set", "arch=resnet18", "--set", "optimizer=lars",
+        "--set", "lr=0.3", "--set", "global-crops-scale=[0.2, 1.0]",
+    ])
+    bench.main()
+    assert trained == [("small-data", "resnet18", "lars", 0.3, (0.2, 1.0)),
+                       ("reference", "resnet18", "lars", 0.3, (0.2, 1.0))]
+    assert random_init == ["resnet18"]  # one row per distinct trained backbone
+    out = capsys.readouterr().out
+    assert "small-data arch=resnet18 optimizer=lars lr=0.3 global_crops_scale=[0.2, 1.0]" in out
+    assert "random init (resnet18)" in out
+
+
+@pytest.mark.parametrize("text", ["lr", "=3", "epochs=4"])
+def test_small_data_benchmark_set_rejects_bad_overrides(text):
+    bench = small_data_benchmark()
+    with pytest.raises(argparse.ArgumentTypeError):
+        bench.parse_set(text)
+
+
+def test_small_data_benchmark_refuses_an_unknown_option_in_one_line(image_folder_tree, tmp_path):
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "small_data.py"), "--data", str(image_folder_tree),
+                           "--output", str(tmp_path), "--set", "learning_rate=0.1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "learning_rate" in done.stderr and "Traceback" not in done.stderr
