@@ -147,14 +147,14 @@ def main() -> None:
     if not (args.data / "train").is_dir():
         raise SystemExit(f"data set not found: {args.data} (see ../shared/datasets/README.md)")
     try:  # unknown recipes, unknown options and values of the wrong type, before anything trains
-        for recipe in args.recipes:
-            resolve_config(overrides=options(recipe, args.data, args.output, 100, sets=sets))
+        probes = {recipe: signature(resolve_config(overrides=options(recipe, args.data, args.output, 100, sets=sets)))
+                  for recipe in args.recipes}
     except UsageError as exc:
         parser.error(str(exc))
 
-    rows, probed, trained, curves, backbones = [], {}, {}, {}, {}
+    rows, probed, trained, curves, configs = [], {}, {}, {}, []
     for recipe in args.recipes:
-        probe = signature(resolve_config(overrides=options(recipe, args.data, args.output, 100, sets=sets)))
+        probe = probes[recipe]
         if probe not in probed:
             probed[probe] = seconds_per_epoch(recipe, args.data, args.output / f"probe-{recipe}", sets=sets)
         epochs = max(1, int(args.minutes * 60 / probed[probe]))
@@ -173,14 +173,14 @@ def main() -> None:
         if args.curve:
             curves[recipe] = training_curve(history)
         top1 = knn_top1(dinocli.load_backbone(run / "checkpoint.pth"), args.data, cfg.global_crop_size)
-        backbones.setdefault((cfg.arch, cfg.patch_size, cfg.global_crop_size), None)
+        configs.append(cfg)
         rows.append({"what": recipe + variant, "epochs": epochs, "train_min": round(train_min, 1), "knn_top1": top1,
                      "arch": f"{cfg.arch}/{cfg.patch_size}", "out_dim": cfg.out_dim,
                      "momentum": cfg.momentum_teacher, "lr": cfg.lr})
         trained[signature(cfg)] = rows[-1]
         print(json.dumps(rows[-1]), flush=True)
 
-    for arch, patch_size, size in backbones:
+    for arch, patch_size, size in dict.fromkeys((c.arch, c.patch_size, c.global_crop_size) for c in configs):
         random_model, _ = backbone_for_eval(random_init=True, arch=arch, patch_size=patch_size, img_size=size)
         name = f"{arch}/{patch_size}" if getattr(random_model, "patch_size", None) else arch
         rows.append({"what": f"random init ({name})", "knn_top1": knn_top1(random_model, args.data, size)})
