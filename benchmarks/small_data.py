@@ -15,7 +15,8 @@ the sizes the reference recipe needs for 32-px images (ViT-Tiny/4, 32/16-px crop
 
 ``--curve`` also measures the k-NN after every epoch (as ``dino pretrain --knn-every 1`` does:
 37-px resize, 32-px centre crop) and prints each recipe's curve against its training minutes; the
-evaluations' own time is not counted as training.
+evaluations' own time is not counted as training. ``--curve --set knn_every=N`` measures it every
+N epochs instead.
 
 ``--set KEY=VALUE`` (repeatable; a TOML value, or a bare word for strings) overrides an option in
 every recipe, as the command line of ``dino pretrain`` would: ``--set arch=resnet18 --set
@@ -72,10 +73,13 @@ def options(recipe: str, data: Path, output: Path, epochs: int | None, curve: bo
     values = {"recipe": recipe, "data": str(data / "train"), "output": str(output),
               "progress": False, "saveckp_freq": 0, "num_workers": 1}
     if curve:
-        values.update(knn_every=1, knn_train=str(data / "train"), knn_val=str(data / "val"))
+        values["knn_every"] = 1
     if recipe == "reference":
         values.update(REFERENCE_SIZES, warmup_epochs=min(10, max(1, (epochs or 10) // 10)))
     values.update(sets or {})
+    if values.get("knn_every"):  # the curve's k-NN: val against train of the benchmark's data set
+        values.setdefault("knn_train", str(data / "train"))
+        values.setdefault("knn_val", str(data / "val"))
     if epochs is not None:
         values["epochs"] = epochs
     return values
@@ -138,7 +142,7 @@ def main() -> None:
                         default=Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10_sub")
     parser.add_argument("--recipes", nargs="+", default=["reference", "small-data", "auto"])
     parser.add_argument("--output", type=Path, default=Path("runs/small-data-bench"))
-    parser.add_argument("--curve", action="store_true", help="k-NN after every epoch of each trained recipe")
+    parser.add_argument("--curve", action="store_true", help="k-NN after every epoch of each trained recipe (every N with --set knn_every=N)")
     parser.add_argument("--set", dest="sets", type=parse_set, action="append", default=[], metavar="KEY=VALUE",
                         help="override an option in every recipe (repeatable), e.g. --set arch=resnet18")
     args = parser.parse_args()
@@ -170,7 +174,7 @@ def main() -> None:
         history = pretrain(cfg).history
         evaluating = sum(record["knn_time_s"] for record in history if record.get("summary") == "knn")
         train_min = (time.perf_counter() - start - evaluating) / 60
-        if args.curve:
+        if cfg.knn_every:
             curves[recipe] = training_curve(history)
         top1 = knn_top1(dinocli.load_backbone(run / "checkpoint.pth"), args.data, cfg.global_crop_size)
         configs.append(cfg)
@@ -195,7 +199,7 @@ def main() -> None:
         print(f"{row['what']:<{width}}{row.get('epochs', ''):>7}{row.get('train_min', ''):>10}"
               f"{row['knn_top1']:>11.1f}%")
     for recipe, curve in curves.items():
-        print(f"\n{recipe}, k-NN top-1 after each epoch (epoch: training minutes, top-1):")
+        print(f"\n{recipe}, k-NN top-1 during training (epoch: training minutes, top-1):")
         print("  " + "  ".join(f"{epoch}: {minutes:g} min {top1:.1f}%" for epoch, minutes, top1 in curve))
 
 

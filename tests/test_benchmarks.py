@@ -116,6 +116,31 @@ def test_small_data_benchmark_set_overrides_every_recipe(image_folder_tree, tmp_
     assert "random init (resnet18)" in out
 
 
+@pytest.mark.parametrize("curve", [["--curve"], []])
+def test_small_data_benchmark_curve_every_n_epochs(image_folder_tree, tmp_path, monkeypatch, capsys, curve):
+    bench = small_data_benchmark()
+    trained = []
+
+    def pretrain(cfg):
+        trained.append((cfg.knn_every, cfg.knn_train, cfg.knn_val))
+        return types.SimpleNamespace(history=[
+            {"summary": "epoch", "epoch": epoch, "epoch_time_s": 60.0} for epoch in range(cfg.epochs)
+        ] + [{"summary": "knn", "epoch": epoch, "knn_top1": 30.0 + epoch, "knn_time_s": 5.0}
+             for epoch in range(1, cfg.epochs, 2)])
+
+    monkeypatch.setattr(bench, "seconds_per_epoch", lambda *args, **kwargs: 60.0)
+    monkeypatch.setattr(bench, "pretrain", pretrain)
+    monkeypatch.setattr(bench.dinocli, "load_backbone", lambda path: "model")
+    monkeypatch.setattr(bench, "backbone_for_eval", lambda **kwargs: ("model", None))
+    monkeypatch.setattr(bench, "knn_top1", lambda model, data, size: 30.0)
+    monkeypatch.setattr(sys, "argv", ["small_data.py", "--data", str(image_folder_tree), "--minutes", "4",
+                                      "--output", str(tmp_path / "runs"), "--recipes", "small-data",
+                                      *curve, "--set", "knn_every=2"])
+    bench.main()  # --set knn_every alone is enough: the k-NN folders default to the benchmark's data set
+    assert trained == [(2, str(image_folder_tree / "train"), str(image_folder_tree / "val"))]
+    assert "2: 2 min 31.0%  4: 4 min 33.0%" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("text", ["lr", "=3", "epochs=4"])
 def test_small_data_benchmark_set_rejects_bad_overrides(text):
     bench = small_data_benchmark()
