@@ -142,7 +142,8 @@ def main() -> None:
                         default=Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10_sub")
     parser.add_argument("--recipes", nargs="+", default=["reference", "small-data", "auto"])
     parser.add_argument("--output", type=Path, default=Path("runs/small-data-bench"))
-    parser.add_argument("--curve", action="store_true", help="k-NN after every epoch of each trained recipe (every N with --set knn_every=N)")
+    parser.add_argument("--curve", action="store_true",
+                        help="k-NN after every epoch of each trained recipe (every N with --set knn_every=N)")
     parser.add_argument("--set", dest="sets", type=parse_set, action="append", default=[], metavar="KEY=VALUE",
                         help="override an option in every recipe (repeatable), e.g. --set arch=resnet18")
     args = parser.parse_args()
