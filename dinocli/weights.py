@@ -152,15 +152,23 @@ def infer_backbone_spec(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     from dinocli.backbones.resnet import RESNETS
     from dinocli.backbones.vit import VIT_ARCHS
 
-    if "cls_token" in state_dict and "patch_embed.proj.weight" in state_dict:
+    stem_convs = [
+        k for k, v in state_dict.items()
+        if k.startswith("patch_embed.proj.") and k.endswith(".weight") and v.ndim == 4 and v.shape[-1] == 3
+    ]
+    if "cls_token" in state_dict and ("patch_embed.proj.weight" in state_dict or stem_convs):
         dim = state_dict["cls_token"].shape[-1]
         depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
-        patch = state_dict["patch_embed.proj.weight"].shape[-1]
+        if stem_convs:  # a convolutional stem: one stride-2 convolution per halving
+            patch, embed = 2 ** len(stem_convs), "conv"
+        else:
+            patch, embed = state_dict["patch_embed.proj.weight"].shape[-1], "linear"
         n_patches = state_dict["pos_embed"].shape[1] - 1 if "pos_embed" in state_dict else 0
         side = math.isqrt(n_patches)
         for name, (d, layers, _) in VIT_ARCHS.items():
             if d == dim and layers == depth:
-                return {"name": name, "kwargs": {"patch_size": patch, "img_size": side * patch}}
+                kwargs = {"patch_size": patch, "img_size": side * patch, "patch_embed": embed}
+                return {"name": name, "kwargs": kwargs}
         raise UsageError(
             f"these ViT weights ({dim} wide, {depth} deep) match no built-in ViT; pass --arch"
         )

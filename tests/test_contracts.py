@@ -23,7 +23,7 @@ from conftest import make_rgb_image
 
 SKIP_BACKBONES = {"resnet101", "resnet152"}  # larger than resnet50: slow, and nothing new to learn
 
-BACKBONE_KWARGS = dict(patch_size=8, img_size=32, drop_path_rate=0.1)
+BACKBONE_KWARGS = dict(patch_size=8, img_size=32, drop_path_rate=0.1, patch_embed="linear")
 GLOBAL, LOCAL = 32, 16
 AUG_KWARGS = dict(
     global_crops_scale=(0.4, 1.0),

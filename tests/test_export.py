@@ -340,6 +340,30 @@ def test_torchscript_round_trip(tmp_path, dinocli_checkpoint, states):
         assert max_diff(dinocli.load_backbone(out)(x), reference(x)) < 1e-5
 
 
+def test_conv_stem_vit_exports_and_stays_portable(tmp_path):
+    """A ViT with a convolutional stem exports to TorchScript, and its traceable form (what ONNX
+    export traces) equals it at every batch and image size, remainders included."""
+    from dinocli.export.portable_vit import PortableViT
+
+    torch.manual_seed(0)
+    model = dinocli.create_backbone("vit_tiny", patch_size=4, img_size=32, patch_embed="conv")
+    model.train()(batch(8, 3, 32, 32))  # BatchNorm statistics away from their start
+    model.eval()
+    source = tmp_path / "convstem.pth"
+    torch.save(model.state_dict(), source)
+    out = tmp_path / "convstem.pt"
+    report = export_backbone(source, out, format="torchscript")
+    assert report.max_abs_diff < 1e-5
+    module = jit_load(out)
+    portable = PortableViT(model).eval()
+    with torch.no_grad():
+        for shape in [(2, 3, 32, 32), (3, 3, 40, 36), (1, 3, 35, 33)]:
+            x = batch(*shape)
+            expected = model(x)
+            assert max_diff(module(x), expected) < 1e-5, shape
+            assert max_diff(portable(x), expected) < 1e-5, shape
+
+
 @pytest.mark.slow
 def test_torchscript_bf16(tmp_path, dinocli_checkpoint, states):
     out = tmp_path / "vit_tiny_bf16.pt"

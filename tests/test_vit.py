@@ -273,3 +273,31 @@ def test_patch_size_8_grid():
     model = dinocli.create_backbone(ARCH, patch_size=8, img_size=224)
     assert model.pos_embed.shape == (1, 1 + 28 * 28, 192)
     assert model.patch_embed.proj.weight.shape == (192, 3, 8, 8)
+
+
+@pytest.mark.parametrize("patch_size, widths", [(4, [24, 48]), (16, [24, 48, 96, 192]), (2, [24])])
+def test_conv_patch_embed_is_a_stem_of_stride_2_convolutions(patch_size, widths):
+    model = dinocli.create_backbone(ARCH, patch_size=patch_size, img_size=32, patch_embed="conv").eval()
+    convs = [m for m in model.patch_embed.proj if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs[:-1]] == widths  # embed_dim / 8, doubling, as Xiao et al.
+    assert all(c.kernel_size == (3, 3) and c.stride == (2, 2) for c in convs[:-1])
+    assert convs[-1].kernel_size == (1, 1) and convs[-1].out_channels == 192
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.patch_embed.proj) == len(widths)
+    linear = dinocli.create_backbone(ARCH, patch_size=patch_size, img_size=32).eval()
+    for size in (32, 32 + patch_size - 1, 48):  # the same grid as the patch projection, remainder dropped
+        x = torch.randn(2, 3, size, size)
+        assert model.patch_embed(x).shape == linear.patch_embed(x).shape
+        assert model(x).shape == (2, 192)
+    # keys: the stem's layers under patch_embed.proj, everything after it as the reference
+    keys = list(model.state_dict())
+    assert keys[:2] == ["cls_token", "pos_embed"] and "patch_embed.proj.weight" not in keys
+    assert keys[2] == "patch_embed.proj.0.weight" and keys[-2:] == ["norm.weight", "norm.bias"]
+
+
+def test_conv_patch_embed_needs_a_power_of_two_patch():
+    from dinocli.errors import UsageError
+
+    with pytest.raises(UsageError, match="power-of-two patch size"):
+        dinocli.create_backbone(ARCH, patch_size=6, img_size=36, patch_embed="conv")
+    with pytest.raises(UsageError, match="unknown patch embedding 'conv3'"):
+        dinocli.create_backbone(ARCH, patch_size=4, img_size=32, patch_embed="conv3")

@@ -195,6 +195,22 @@ def test_small_stem_resnet_round_trips_through_a_file(tmp_path):
         assert small.layer4(small.layer3(small.layer2(small.layer1(small.conv1(x))))).shape[-1] == 4
 
 
+def test_conv_stem_vit_round_trips_through_a_file(tmp_path):
+    torch.manual_seed(0)
+    source = dinocli.create_backbone("vit_tiny", patch_size=4, img_size=32, patch_embed="conv")
+    source.train()(torch.randn(8, 3, 32, 32))  # move the BatchNorm statistics off their start
+    source.eval()
+    path = tmp_path / "convstem.pth"
+    torch.save(source.state_dict(), path)  # no metadata: the stem is read from the tensors
+    assert infer_backbone_spec(source.state_dict()) == {
+        "name": "vit_tiny", "kwargs": {"patch_size": 4, "img_size": 32, "patch_embed": "conv"}
+    }
+    loaded = dinocli.load_backbone(path)
+    assert loaded.patch_embed.kind == "conv" and loaded.patch_size == 4
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(X), source(X), rtol=0, atol=0)
+
+
 # -- errors ---------------------------------------------------------------------------------------
 
 

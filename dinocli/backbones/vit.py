@@ -2,7 +2,8 @@
 
 Keys match the backbones released with the DINO paper (``cls_token``, ``pos_embed``,
 ``patch_embed.proj``, ``blocks.{i}.norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2``, ``norm``), so
-those load with strict key checking. The forward pass uses fused attention
+those load with strict key checking. ``patch_embed="conv"`` replaces the patch projection by a
+convolutional stem (keys ``patch_embed.proj.{i}``, see :func:`conv_stem`). The forward pass uses fused attention
 (:func:`torch.nn.functional.scaled_dot_product_attention`), except in bf16/fp16 on the CPU, where
 PyTorch's fused kernel is slower than two matrix products (see :func:`attend`).
 """
@@ -19,6 +20,7 @@ from torch import nn
 
 import dinocli
 from dinocli.distributed import keep_mask
+from dinocli.errors import UsageError
 
 #: name -> (embed_dim, depth, num_heads), as in the reference implementation.
 VIT_ARCHS: dict[str, tuple[int, int, int]] = {
@@ -116,14 +118,51 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+#: Patch embeddings: ``linear`` (the reference's) or ``conv`` (a convolutional stem).
+PATCH_EMBEDS = ("linear", "conv")
+
+
+def conv_stem(patch_size: int, in_chans: int, embed_dim: int) -> nn.Sequential:
+    """Xiao et al. 2021 ("Early convolutions help transformers see better"): ``log2(patch_size)``
+    3x3 stride-2 convolutions with BatchNorm and ReLU, from ``embed_dim / 8`` channels doubling at
+    each step (at most ``embed_dim``), then a 1x1 convolution to ``embed_dim``; the same token grid
+    as a ``patch_size`` projection."""
+    steps = patch_size.bit_length() - 1
+    if patch_size < 2 or 1 << steps != patch_size:
+        raise UsageError(f"--patch-embed conv needs a power-of-two patch size (2, 4, 8, 16), got {patch_size}")
+    layers: list[nn.Module] = []
+    width = in_chans
+    for step in range(steps):
+        out = min(embed_dim, max(1, embed_dim // 8) << step)
+        layers += [nn.Conv2d(width, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+        width = out
+    layers.append(nn.Conv2d(width, embed_dim, kernel_size=1))
+    return nn.Sequential(*layers)
+
+
 class PatchEmbed(nn.Module):
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+    """Image to patch tokens: one ``patch_size`` convolution (``linear``) or a :func:`conv_stem`."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, kind: str = "linear") -> None:
         super().__init__()
+        if kind not in PATCH_EMBEDS:
+            raise UsageError(f"unknown patch embedding {kind!r}; choose one of {', '.join(PATCH_EMBEDS)}")
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.kind = kind
+        if kind == "linear":
+            self.proj: nn.Module = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        else:
+            self.proj = conv_stem(patch_size, in_chans, embed_dim)
+
+    def grid(self, x: torch.Tensor) -> torch.Tensor:
+        """The token grid ``[B, embed_dim, H // patch, W // patch]``."""
+        if self.kind == "conv":  # drop the remainder, as the patch projection does
+            h, w = x.shape[-2], x.shape[-1]
+            x = x[..., : h - h % self.patch_size, : w - w % self.patch_size]
+        return self.proj(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return self.grid(x).flatten(2).transpose(1, 2)
 
 
 class VisionTransformer(nn.Module):
@@ -142,6 +181,7 @@ class VisionTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         drop_path_rate: float = 0.0,
+        patch_embed: str = "linear",
     ) -> None:
         super().__init__()
         if img_size % patch_size:
@@ -150,7 +190,7 @@ class VisionTransformer(nn.Module):
         self.patch_size = patch_size
         self.num_heads = num_heads
         self.img_size = img_size
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_embed)
         num_patches = (img_size // patch_size) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
@@ -247,7 +287,11 @@ def _factory(arch: str):
     embed_dim, depth, num_heads = VIT_ARCHS[arch]
 
     def build(
-        patch_size: int = 16, drop_path_rate: float = 0.0, img_size: int = 224, **_: Any
+        patch_size: int = 16,
+        drop_path_rate: float = 0.0,
+        img_size: int = 224,
+        patch_embed: str = "linear",
+        **_: Any,
     ) -> VisionTransformer:
         # The position embeddings are sized for the training crop, rounded to whole patches.
         img_size = max(patch_size, img_size - img_size % patch_size)
@@ -258,6 +302,7 @@ def _factory(arch: str):
             depth=depth,
             num_heads=num_heads,
             drop_path_rate=drop_path_rate,
+            patch_embed=patch_embed,
         )
 
     return build

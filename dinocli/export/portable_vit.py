@@ -92,7 +92,7 @@ class PortableViT(nn.Module):
         return torch.cat((self.pos_embed[:, :1], patch_pos), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        patches = self.patch_embed.proj(x)
+        patches = self.patch_embed.grid(x)
         tokens = patches.flatten(2).transpose(1, 2)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         tokens = torch.cat((cls, tokens), dim=1) + self._position_embeddings(x, patches)

@@ -49,6 +49,13 @@ class PretrainConfig:
     )
     arch: str = _opt("vit_small", "Backbone name (see `dino plugins`).", MODEL)
     patch_size: int = _opt(16, "ViT patch size.", MODEL)
+    patch_embed: str = _opt(
+        "linear",
+        "ViT patch embedding: linear (one patch-size convolution, the reference's) or conv (a "
+        "convolutional stem of 3x3 stride-2 convolutions, Xiao et al. 2021). Other backbones ignore it.",
+        MODEL,
+        choices=("linear", "conv"),
+    )
     out_dim: int = _opt(65536, "Number of prototypes (head output size).", MODEL)
     norm_last_layer: bool = _opt(True, "Fix the norm of the prototypes to 1 (more stable).", MODEL)
     momentum_teacher: float = _opt(

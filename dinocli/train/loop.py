@@ -128,7 +128,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.spec = {
             "name": cfg.arch,
-            "kwargs": {"patch_size": cfg.patch_size, "img_size": cfg.global_crop_size},
+            "kwargs": {
+                "patch_size": cfg.patch_size,
+                "img_size": cfg.global_crop_size,
+                "patch_embed": cfg.patch_embed,
+            },
         }
         student_backbone = create_backbone(
             cfg.arch, drop_path_rate=cfg.drop_path_rate, **self.spec["kwargs"]
