@@ -152,9 +152,9 @@ def infer_backbone_spec(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     from dinocli.backbones.resnet import RESNETS
     from dinocli.backbones.vit import VIT_ARCHS
 
-    stem_convs = [
-        k for k, v in state_dict.items()
-        if k.startswith("patch_embed.proj.") and k.endswith(".weight") and v.ndim == 4 and v.shape[-1] == 3
+    stem_convs = [  # a convolutional stem's 3x3 convolutions: patch_embed.proj.{i}.weight
+        k for k, v in state_dict.items() if re.fullmatch(r"patch_embed\.proj\.\d+\.weight", k)
+        and v.ndim == 4 and v.shape[-1] == 3
     ]
     if "cls_token" in state_dict and ("patch_embed.proj.weight" in state_dict or stem_convs):
         dim = state_dict["cls_token"].shape[-1]

@@ -153,5 +153,7 @@ def test_recipe_patch_embed_is_overridable_and_ignored_by_resnets(small_images, 
     with pytest.raises(UsageError, match="patch-embed"):
         resolve_config(overrides={**base, "patch_embed": "convolutional"})
     cfg = resolve_config(overrides={**base, "arch": "resnet18"})
-    resnet = dinocli.create_backbone(cfg.arch, patch_size=cfg.patch_size, patch_embed=cfg.patch_embed, img_size=32)
+    resnet = dinocli.create_backbone(
+        cfg.arch, patch_size=cfg.patch_size, patch_embed=cfg.patch_embed, img_size=32
+    )
     assert resnet.stem == "small"  # a backbone without patches ignores the recipe's patch embedding

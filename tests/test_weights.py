@@ -207,6 +207,9 @@ def test_conv_stem_vit_round_trips_through_a_file(tmp_path):
     }
     loaded = dinocli.load_backbone(path)
     assert loaded.patch_embed.kind == "conv" and loaded.patch_size == 4
+    # a 3x3 patch projection is not mistaken for a stem
+    linear3 = dinocli.create_backbone("vit_tiny", patch_size=3, img_size=30).state_dict()
+    assert infer_backbone_spec(linear3)["kwargs"] == {"patch_size": 3, "img_size": 30, "patch_embed": "linear"}
     with torch.no_grad():
         torch.testing.assert_close(loaded(X), source(X), rtol=0, atol=0)
 

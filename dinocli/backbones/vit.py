@@ -3,9 +3,9 @@
 Keys match the backbones released with the DINO paper (``cls_token``, ``pos_embed``,
 ``patch_embed.proj``, ``blocks.{i}.norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2``, ``norm``), so
 those load with strict key checking. ``patch_embed="conv"`` replaces the patch projection by a
-convolutional stem (keys ``patch_embed.proj.{i}``, see :func:`conv_stem`). The forward pass uses fused attention
-(:func:`torch.nn.functional.scaled_dot_product_attention`), except in bf16/fp16 on the CPU, where
-PyTorch's fused kernel is slower than two matrix products (see :func:`attend`).
+convolutional stem (keys ``patch_embed.proj.{i}``, see :func:`conv_stem`). The forward pass uses
+fused attention (:func:`torch.nn.functional.scaled_dot_product_attention`), except in bf16/fp16 on
+the CPU, where PyTorch's fused kernel is slower than two matrix products (see :func:`attend`).
 """
 
 from __future__ import annotations
@@ -129,12 +129,15 @@ def conv_stem(patch_size: int, in_chans: int, embed_dim: int) -> nn.Sequential:
     as a ``patch_size`` projection."""
     steps = patch_size.bit_length() - 1
     if patch_size < 2 or 1 << steps != patch_size:
-        raise UsageError(f"--patch-embed conv needs a power-of-two patch size (2, 4, 8, 16), got {patch_size}")
+        raise UsageError(
+            f"--patch-embed conv needs a power-of-two patch size (2, 4, 8, 16), got {patch_size}"
+        )
     layers: list[nn.Module] = []
     width = in_chans
     for step in range(steps):
         out = min(embed_dim, max(1, embed_dim // 8) << step)
-        layers += [nn.Conv2d(width, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+        conv = nn.Conv2d(width, out, kernel_size=3, stride=2, padding=1, bias=False)
+        layers += [conv, nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
         width = out
     layers.append(nn.Conv2d(width, embed_dim, kernel_size=1))
     return nn.Sequential(*layers)
@@ -146,11 +149,12 @@ class PatchEmbed(nn.Module):
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int, kind: str = "linear") -> None:
         super().__init__()
         if kind not in PATCH_EMBEDS:
-            raise UsageError(f"unknown patch embedding {kind!r}; choose one of {', '.join(PATCH_EMBEDS)}")
+            choices = ", ".join(PATCH_EMBEDS)
+            raise UsageError(f"unknown patch embedding {kind!r}; choose one of {choices}")
         self.patch_size = patch_size
         self.kind = kind
         if kind == "linear":
-            self.proj: nn.Module = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+            self.proj: nn.Module = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
         else:
             self.proj = conv_stem(patch_size, in_chans, embed_dim)
 
