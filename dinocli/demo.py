@@ -76,7 +76,9 @@ def run_demo(
     options = dict(resize=size, crop_size=size, precision="auto")
     trained = load_backbone(result.checkpoint)
     torch.manual_seed(cfg.seed)
-    random_init = create_backbone(cfg.arch, patch_size=cfg.patch_size, img_size=size).eval()
+    random_init = create_backbone(
+        cfg.arch, patch_size=cfg.patch_size, img_size=size, patch_embed=cfg.patch_embed
+    ).eval()
     scores = {}
     for name, model in (("trained", trained), ("random", random_init)):
         train_feats = extract_folder(model, data / "train", **options)

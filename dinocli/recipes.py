@@ -3,11 +3,10 @@
 - ``reference``: the reference implementation's defaults, unchanged.
 - ``small-data``: for data sets of thousands to tens of thousands of small images (CIFAR-like,
   32 px) and runs of tens of epochs, where the reference defaults learn nothing: a ViT-Tiny with
-  4-px patches on 32/16-px crops and a convolutional stem in place of the patch projection,
-  prototypes scaled to the data set, Sinkhorn-Knopp targets with the KoLeo regulariser (without
-  KoLeo the embeddings collapse to a few directions and k-NN falls below random initialisation;
-  Sinkhorn-Knopp learns faster than centering beside it), a teacher whose EMA horizon fits the run
-  (fast on small data), and warm-ups fitted to the number of epochs.
+  4-px patches on 32/16-px crops, prototypes scaled to the data set, Sinkhorn-Knopp targets with
+  the KoLeo regulariser (without KoLeo the embeddings collapse to a few directions and k-NN falls
+  below random initialisation; Sinkhorn-Knopp learns faster than centering beside it), a teacher
+  whose EMA horizon fits the run (fast on small data), and warm-ups fitted to the number of epochs.
 - ``auto``: scales every such choice from the data set's size, its image size and ``--epochs``,
   and says why for each value.
 
@@ -113,18 +112,9 @@ def crops_for(image_size: int) -> dict[str, int]:
     return {"global_crop_size": 224, "local_crop_size": 96, "patch_size": 16}
 
 
-#: The ViT patch embedding for small data: a convolutional stem.
-SMALL_DATA_PATCH_EMBED = (
-    "conv",
-    "a convolutional stem instead of the patch projection (Xiao et al. 2021): k-NN 32.0 vs 29.5 % "
-    "on cifar10_sub after the same 24 CPU-minutes",
-)
-
-
 def _small_data_training(epochs: int) -> dict[str, tuple[Any, str]]:
     """What ``small-data`` and ``auto`` (below 100k images) both set, whatever the image size."""
     return {
-        "patch_embed": SMALL_DATA_PATCH_EMBED,
         "local_crops_number": (6, "6 local crops"),
         "collapse": SMALL_DATA_COLLAPSE,
         "lr": (0.002, "4x the reference's learning rate for small data and short runs"),

@@ -87,6 +87,18 @@ def test_raw_pixels_are_the_preprocessed_crop(tmp_path: Path) -> None:
     torch.testing.assert_close(feats.features, want, rtol=1e-5, atol=1e-5)
 
 
+def test_random_init_builds_the_trained_patch_embedding() -> None:
+    model, info = backbone_for_eval(random_init=True, arch="vit_tiny", patch_size=4, img_size=32, patch_embed="conv")
+    assert model.patch_embed.kind == "conv" and not model.training
+    assert info["backbone"] == {"name": "vit_tiny", "kwargs": {"img_size": 32, "patch_size": 4, "patch_embed": "conv"}}
+    same, _ = backbone_for_eval(random_init=True, arch="vit_tiny", patch_size=4, img_size=32, patch_embed="conv")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), same(x), rtol=0, atol=0)  # seeded: the same network
+    linear, _ = backbone_for_eval(random_init=True, arch="vit_tiny", patch_size=4, img_size=32)
+    assert linear.patch_embed.kind == "linear"
+
+
 def test_last_blocks_and_mean_patch_token(tmp_path: Path) -> None:
     root = image_tree(tmp_path / "imgs", {"a": 2, "b": 1})
     model = tiny_vit()

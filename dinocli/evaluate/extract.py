@@ -251,11 +251,13 @@ def backbone_for_eval(
     raw_pixels: bool = False,
     img_size: int = 224,
     seed: int = 0,
+    patch_embed: str | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The backbone to evaluate and what describes it (for the features file).
 
-    From ``weights``; or randomly initialised (``random_init``, needs ``arch``); or no network
-    at all (``raw_pixels``: the flattened preprocessed crop, the baseline learned features must beat).
+    From ``weights``; or randomly initialised (``random_init``, needs ``arch``; ``patch_embed``
+    picks a ViT's patch embedding, as ``--patch-embed`` in training); or no network at all
+    (``raw_pixels``: the flattened preprocessed crop, the baseline learned features must beat).
     """
     from dinocli.registry import create_backbone
     from dinocli.weights import build_backbone, infer_backbone_spec, read_backbone_weights
@@ -274,6 +276,8 @@ def backbone_for_eval(
         kwargs: dict[str, Any] = {"img_size": img_size}
         if patch_size is not None:
             kwargs["patch_size"] = patch_size
+        if patch_embed is not None:
+            kwargs["patch_embed"] = patch_embed
         torch.manual_seed(seed)
         model = create_backbone(arch, **kwargs).eval()
         return model, {"backbone": {"name": arch, "kwargs": kwargs}, "weights": None, "seed": seed}
