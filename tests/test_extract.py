@@ -209,6 +209,9 @@ def test_cli_reads_the_checkpoint_key_of_a_training_checkpoint(tmp_path: Path, c
         (["--corrupt"], 2, "cannot read image"),
         (["--raw-pixels"], 2, "--raw-pixels uses no network: drop --weights, --random-init and --arch"),
         (["--no-weights", "--random-init"], 2, "--random-init needs --arch (e.g. --arch vit_small)"),
+        (["--patch-embed", "conv"], 2, "--patch-embed applies to --random-init (a weights file names its own)"),
+        (["--no-weights", "--random-init", "--arch", "vit_tiny", "--patch-embed", "conv3"], 2,
+         "unknown patch embedding 'conv3'; choose one of linear, conv"),
     ],
 )
 def test_cli_errors(tmp_path: Path, cli, args: list[str], code: int, message: str) -> None:
@@ -237,6 +240,23 @@ def test_cli_errors(tmp_path: Path, cli, args: list[str], code: int, message: st
     assert message in result.stderr and result.stderr.startswith("error: ")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
     assert not (tmp_path / "f.safetensors").exists()
+
+
+def test_cli_random_init_with_a_conv_stem(tmp_path: Path, cli) -> None:
+    root = image_tree(tmp_path / "imgs", {"a": 2, "b": 1})
+    out = tmp_path / "f.safetensors"
+    result = cli.invoke(
+        app,
+        ["extract", "--random-init", "--arch", "vit_tiny", "--patch-size", "4", "--patch-embed", "conv",
+         "-d", str(root), "-o", str(out), "--resize", "32", "--crop-size", "32", "--num-workers", "0",
+         "--device", "cpu", "--precision", "fp32"],
+    )
+    assert result.exit_code == 0, result.output
+    feats = load_features(out)
+    want, _ = backbone_for_eval(random_init=True, arch="vit_tiny", patch_size=4, img_size=32, patch_embed="conv")
+    expected = extract_folder(want, root, resize=32, crop_size=32)
+    torch.testing.assert_close(feats.features, expected.features, rtol=1e-5, atol=1e-5)
+    assert feats.metadata["backbone"]["kwargs"]["patch_embed"] == "conv"
 
 
 def test_one_step_knn_extracts_first(tmp_path: Path, cli) -> None:

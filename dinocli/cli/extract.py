@@ -25,6 +25,10 @@ RandomInit = Annotated[
     bool, typer.Option("--random-init", help="Evaluate a randomly initialised --arch (a baseline).")
 ]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of --random-init.")]
+PatchEmbedding = Annotated[
+    str | None,
+    typer.Option("--patch-embed", help="With --random-init: the ViT's patch embedding, linear or conv."),
+]
 RawPixels = Annotated[
     bool, typer.Option("--raw-pixels", help="No network: the flattened normalised crop (a baseline).")
 ]
@@ -54,6 +58,7 @@ def extract_command(
     arch: Arch = None,
     patch_size: PatchSize = None,
     random_init: RandomInit = False,
+    patch_embed: PatchEmbedding = None,
     raw_pixels: RawPixels = False,
     seed: Seed = 0,
     resize: Resize = 256,
@@ -89,7 +94,9 @@ def extract_command(
         device=device,
     )
     images = check_before_loading(data, options)
-    model, info = load_model(weights, checkpoint_key, arch, patch_size, random_init, raw_pixels, crop_size, seed)
+    model, info = load_model(
+        weights, checkpoint_key, arch, patch_size, random_init, raw_pixels, crop_size, seed, patch_embed
+    )
     start = time.perf_counter()
     feats = extract_with_progress(model, data, images=images, **options)
     seconds = time.perf_counter() - start
@@ -111,6 +118,7 @@ def load_model(
     raw_pixels: bool,
     crop_size: int,
     seed: int,
+    patch_embed: str | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """The backbone named by the CLI options, and its description for the features file."""
     from dinocli.evaluate.extract import backbone_for_eval
@@ -124,6 +132,7 @@ def load_model(
         raw_pixels=raw_pixels,
         img_size=crop_size,
         seed=seed,
+        patch_embed=patch_embed,
     )
 
 

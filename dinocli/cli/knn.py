@@ -21,6 +21,7 @@ from dinocli.cli.extract import (
     Interpolation,
     NLastBlocks,
     NumWorkers,
+    PatchEmbedding,
     PatchSize,
     Precision,
     RandomInit,
@@ -78,6 +79,7 @@ def knn_command(
     arch: Arch = None,
     patch_size: PatchSize = None,
     random_init: RandomInit = False,
+    patch_embed: PatchEmbedding = None,
     raw_pixels: RawPixels = False,
     seed: Seed = 0,
     resize: Resize = 256,
@@ -118,7 +120,7 @@ def knn_command(
         train_images = check_before_loading(train_data, options)
         val_images = check_before_loading(val_data, options)
         model, _ = load_model(
-            weights, checkpoint_key, arch, patch_size, random_init, raw_pixels, crop_size, seed
+            weights, checkpoint_key, arch, patch_size, random_init, raw_pixels, crop_size, seed, patch_embed
         )
         train_feats = extract_with_progress(model, train_data, images=train_images, **options)
         val_feats = extract_with_progress(model, val_data, images=val_images, **options)

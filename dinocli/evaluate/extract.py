@@ -264,6 +264,8 @@ def backbone_for_eval(
 
     if checkpoint_key not in ("teacher", "student"):
         raise UsageError(f"--checkpoint-key must be teacher or student, got {checkpoint_key!r}")
+    if patch_embed is not None and not random_init:
+        raise UsageError("--patch-embed applies to --random-init (a weights file names its own)")
     if raw_pixels:
         if weights is not None or random_init or arch is not None:
             raise UsageError("--raw-pixels uses no network: drop --weights, --random-init and --arch")
