@@ -22,10 +22,14 @@ from dinocli.weights import load_backbone
 
 #: The demo's pretraining settings: the ``small-data`` recipe with 8-px patches and a short run,
 #: so that it takes a few minutes on a laptop CPU (4 epochs: k-NN 47.4 % against 20.8 % at random
-#: initialisation, 2.3 minutes in all on 2 idle CPU cores).
+#: initialisation, 2.3 minutes in all on 2 idle CPU cores). The synthetic textures learn fastest
+#: with the patch projection at 4x the reference's learning rate: the recipe's convolutional stem
+#: at lr 0.0005 (what photos need) gave 38.2 % against 25.6 % at random initialisation.
 DEMO_RECIPE: dict[str, Any] = dict(
     recipe="small-data",
     patch_size=8,
+    patch_embed="linear",
+    lr=0.002,
     batch_size=32,
     epochs=4,
     saveckp_freq=0,

@@ -51,8 +51,8 @@ def test_explicit_options_override_the_recipe(small_images, tmp_path):
     )
     assert (cfg.out_dim, cfg.lr) == (777, 0.01)  # file and command line beat the recipe
     assert (cfg.arch, cfg.patch_size, cfg.momentum_teacher) == ("vit_tiny", 4, 0.95)  # from it
-    assert cfg.collapse == "sinkhorn-knopp,koleo"
-    assert not any("out_dim" in line or " lr " in line for line in lines)
+    assert (cfg.collapse, cfg.patch_embed) == ("sinkhorn-knopp,koleo", "conv")
+    assert not any(line.startswith(("recipe small-data: out_dim ", "recipe small-data: lr ")) for line in lines)
     assert any(line.startswith("recipe small-data: momentum_teacher = 0.95") for line in lines)
 
 
@@ -97,6 +97,9 @@ def test_auto_scales_prototypes_and_momentum(n_images, prototypes, momentum):
     assert values.get("collapse", "centering") == (
         "centering" if n_images >= 100_000 else "sinkhorn-knopp,koleo"
     )
+    small_data_set = n_images < 100_000
+    assert values.get("patch_embed", "linear") == ("conv" if small_data_set else "linear")
+    assert values.get("lr", 0.0005) == 0.0005  # the reference's, for both
 
 
 def test_auto_gives_every_choice_a_reason_and_picks_crops_from_image_size():
@@ -146,14 +149,15 @@ def test_cli_prints_each_recipe_choice_before_training(small_images, tmp_path):
     assert "recipe auto: out_dim" not in explained  # given on the command line: no recipe choice
 
 
-def test_patch_embed_is_an_option_that_resnets_ignore(small_images, tmp_path):
+def test_recipe_patch_embed_is_overridable_and_ignored_by_resnets(small_images, tmp_path):
     base = {"recipe": "small-data", "data": str(small_images), "output": str(tmp_path / "r")}
-    assert resolve_config(overrides=base).patch_embed == "linear"  # no recipe changes it
-    assert resolve_config(overrides={**base, "patch_embed": "conv"}).patch_embed == "conv"
+    assert resolve_config(overrides=base).patch_embed == "conv"
+    assert resolve_config(overrides={**base, "patch_embed": "linear"}).patch_embed == "linear"
+    assert resolve_config(overrides={**base, "recipe": "reference"}).patch_embed == "linear"
     with pytest.raises(UsageError, match="patch-embed"):
         resolve_config(overrides={**base, "patch_embed": "convolutional"})
-    cfg = resolve_config(overrides={**base, "arch": "resnet18", "patch_embed": "conv"})
+    cfg = resolve_config(overrides={**base, "arch": "resnet18"})
     resnet = dinocli.create_backbone(
         cfg.arch, patch_size=cfg.patch_size, patch_embed=cfg.patch_embed, img_size=32
     )
-    assert resnet.stem == "small"  # a backbone without patches ignores the patch embedding
+    assert resnet.stem == "small"  # a backbone without patches ignores the recipe's patch embedding
