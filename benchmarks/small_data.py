@@ -186,6 +186,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
 
     networks = dict.fromkeys((c.arch, c.patch_size, c.patch_embed, c.global_crop_size) for c in configs)
+    measured = set()
     for arch, patch_size, patch_embed, size in networks:
         random_model, _ = backbone_for_eval(
             random_init=True, arch=arch, patch_size=patch_size, img_size=size, patch_embed=patch_embed
@@ -193,6 +194,9 @@ def main() -> None:
         patched = getattr(random_model, "patch_size", None)
         name = f"{arch}/{patch_size}" if patched else arch
         name += ", conv stem" if patched and patch_embed == "conv" else ""
+        if (name, size) in measured:  # a backbone without patches ignores the patch size and embedding
+            continue
+        measured.add((name, size))
         rows.append({"what": f"random init ({name})", "knn_top1": knn_top1(random_model, args.data, size)})
     raw, _ = backbone_for_eval(raw_pixels=True, img_size=32)
     rows.append({"what": "raw pixels", "knn_top1": knn_top1(raw, args.data, 32)})

@@ -110,10 +110,11 @@ def test_small_data_benchmark_set_overrides_every_recipe(image_folder_tree, tmp_
     bench.main()
     assert trained == [("small-data", "resnet18", "lars", 0.3, (0.2, 1.0)),
                        ("reference", "resnet18", "lars", 0.3, (0.2, 1.0))]
-    assert random_init == ["resnet18"]  # one row per distinct trained backbone
+    assert set(random_init) == {"resnet18"}
     out = capsys.readouterr().out
     assert "small-data arch=resnet18 optimizer=lars lr=0.3 global_crops_scale=[0.2, 1.0]" in out
-    assert "random init (resnet18)" in out
+    # one row per distinct trained backbone: a ResNet ignores the recipes' different patch embeddings
+    assert out.count("random init (resnet18)") == 1
 
 
 @pytest.mark.parametrize("curve", [["--curve"], []])
