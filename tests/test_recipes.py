@@ -97,9 +97,10 @@ def test_auto_scales_prototypes_and_momentum(n_images, prototypes, momentum):
     assert values.get("collapse", "centering") == (
         "centering" if n_images >= 100_000 else "sinkhorn-knopp,koleo"
     )
-    small_data_set = n_images < 100_000
-    assert values.get("patch_embed", "linear") == ("conv" if small_data_set else "linear")
-    assert values.get("lr", 0.0005) == 0.0005  # the reference's, for both
+    if n_images < 100_000:
+        assert (values["patch_embed"], values["lr"]) == ("conv", 0.0005)
+    else:  # the reference's patch projection and learning rate: auto leaves them alone
+        assert "patch_embed" not in values and "lr" not in values
 
 
 def test_auto_gives_every_choice_a_reason_and_picks_crops_from_image_size():
