@@ -185,15 +185,16 @@ def main() -> None:
         trained[signature(cfg)] = rows[-1]
         print(json.dumps(rows[-1]), flush=True)
 
-    networks = dict.fromkeys((c.arch, c.patch_size, c.patch_embed, c.global_crop_size) for c in configs)
+    networks = dict.fromkeys((c.arch, c.patch_size, c.patch_embed, c.pool, c.global_crop_size) for c in configs)
     measured = set()
-    for arch, patch_size, patch_embed, size in networks:
+    for arch, patch_size, patch_embed, pool, size in networks:
         random_model, _ = backbone_for_eval(
-            random_init=True, arch=arch, patch_size=patch_size, img_size=size, patch_embed=patch_embed
+            random_init=True, arch=arch, patch_size=patch_size, img_size=size, patch_embed=patch_embed, pool=pool
         )
         patched = getattr(random_model, "patch_size", None)
         name = f"{arch}/{patch_size}" if patched else arch
         name += ", conv stem" if patched and patch_embed == "conv" else ""
+        name += ", mean patch token" if patched and pool == "avg" else ""
         if (name, size) in measured:  # a backbone without patches ignores the patch size and embedding
             continue
         measured.add((name, size))

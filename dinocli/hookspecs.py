@@ -39,8 +39,9 @@ def dinocli_register_backbones(register: Register) -> None:
     (bool; when true it also has ``get_last_selfattention(x) -> [B, heads, 1+N, 1+N]``).
 
     Keyword arguments dinocli passes when it has them: ``patch_size``, ``drop_path_rate``,
-    ``img_size`` (the training crop size), ``patch_embed`` (``linear`` or ``conv``; backbones
-    without patches ignore it). A factory must accept ``**kwargs``.
+    ``img_size`` (the training crop size), ``patch_embed`` (``linear`` or ``conv``) and ``pool``
+    (``cls`` or ``avg``: the CLS token or the mean patch token as the embedding); backbones without
+    patches ignore the last two. A factory must accept ``**kwargs``.
     """
 
 

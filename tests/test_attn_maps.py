@@ -33,10 +33,10 @@ MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])
 
 
-def tiny_vit(patch_size: int = 8, seed: int = 0) -> torch.nn.Module:
+def tiny_vit(patch_size: int = 8, seed: int = 0, pool: str = "cls") -> torch.nn.Module:
     """vit_tiny with a sharpened last block, so that its attention is far from uniform."""
     torch.manual_seed(seed)
-    model = dinocli.create_backbone("vit_tiny", patch_size=patch_size, img_size=32).eval()
+    model = dinocli.create_backbone("vit_tiny", patch_size=patch_size, img_size=32, pool=pool).eval()
     with torch.no_grad():
         model.blocks[-1].attn.qkv.weight.mul_(10.0)
     return model
@@ -104,6 +104,29 @@ def test_raw_maps_equal_softmax_attention_of_last_block(patch_size, height, widt
                 for c in range(w):
                     want = expected[i, head, 0, 1 + r * w + c].item()
                     assert m[head, r, c].item() == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
+def test_mean_patch_token_vit_shows_the_patch_queries_averaged(tmp_path):
+    """For a ViT whose output is the mean patch token, a map is the attention of the patch queries
+    averaged: per key patch, the mean of its column over the patch rows."""
+    model = tiny_vit(8, pool="avg")
+    image = torch.randn(3, 32, 48, generator=torch.Generator().manual_seed(3))
+    (m,) = attention_maps(model, [image])
+    with torch.no_grad():
+        expected = independent_last_attention(model, image[None])[0]  # [heads, 1+N, 1+N]
+    want = expected[:, 1:, 1:].mean(dim=1).reshape(3, 4, 6).float()
+    torch.testing.assert_close(m, want, rtol=1e-4, atol=1e-6)
+    assert (m - expected[:, 0, 1:].reshape(3, 4, 6).float()).abs().max() > 1e-3  # not the CLS row
+
+    from dinocli.visualize import write_attention_report
+
+    photo = blob_image(48, 32, 1)
+    report = write_attention_report(model, [("blob", photo)], tmp_path / "out", image_size=(32, 48))
+    (shown,) = attention_maps(model, [preprocess(photo, (32, 48), 8)[0]])
+    with safe_open(str(report.images[0].files["attention"]), framework="pt") as f:
+        assert f.metadata()["description"].startswith("mean patch-to-patch attention")
+        torch.testing.assert_close(f.get_tensor("attention"), shown)
+    assert "Last-block mean patch attention" in report.index.read_text()
 
 
 def test_heads_selection_and_mixed_sizes():

@@ -497,3 +497,28 @@ def test_a_failed_check_writes_nothing(tmp_path, dinocli_checkpoint, monkeypatch
         export_backbone(dinocli_checkpoint, out)
     assert info.value.exit_code == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_mean_patch_token_vit_keeps_its_pooling_in_every_format(tmp_path):
+    """A ViT whose output is the mean patch token (``pool="avg"``) exports to safetensors (the
+    pooling in its metadata) and TorchScript, and its traceable form pools the same way."""
+    from dinocli.export.portable_vit import PortableViT
+
+    torch.manual_seed(0)
+    spec = {"name": "vit_tiny", "kwargs": {"patch_size": 4, "img_size": 32, "pool": "avg"}}
+    model = dinocli.create_backbone(spec["name"], **spec["kwargs"]).eval()
+    source = tmp_path / "checkpoint.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in model.state_dict().items()},
+                "dinocli.backbone": spec}, source)
+    x = batch(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        assert max_diff(expected, model.forward_features(x)[:, 0]) > 1e-2  # not the CLS token
+        export_backbone(source, tmp_path / "avg.safetensors")
+        loaded = dinocli.load_backbone(tmp_path / "avg.safetensors")
+        assert loaded.pool == "avg" and max_diff(loaded(x), expected) == 0
+        export_backbone(source, tmp_path / "avg.pt", format="torchscript")
+        assert max_diff(jit_load(tmp_path / "avg.pt")(x), expected) < 1e-5
+        for shape in [(2, 3, 32, 32), (1, 3, 40, 36)]:
+            y = batch(*shape)
+            assert max_diff(PortableViT(model).eval()(y), model(y)) < 1e-5, shape

@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dinocli import create_backbone
+from dinocli import UsageError, create_backbone
 from dinocli.cli import app
 from dinocli.evaluate import backbone_for_eval, extract_folder, knn_features, load_features
 from dinocli.weights import BACKBONE_SPEC_KEY
@@ -242,21 +242,25 @@ def test_cli_errors(tmp_path: Path, cli, args: list[str], code: int, message: st
     assert not (tmp_path / "f.safetensors").exists()
 
 
-def test_cli_random_init_with_a_conv_stem(tmp_path: Path, cli) -> None:
+def test_cli_random_init_with_a_conv_stem_and_mean_patch_token(tmp_path: Path, cli) -> None:
     root = image_tree(tmp_path / "imgs", {"a": 2, "b": 1})
     out = tmp_path / "f.safetensors"
     result = cli.invoke(
         app,
         ["extract", "--random-init", "--arch", "vit_tiny", "--patch-size", "4", "--patch-embed", "conv",
-         "-d", str(root), "-o", str(out), "--resize", "32", "--crop-size", "32", "--num-workers", "0",
-         "--device", "cpu", "--precision", "fp32"],
+         "--pool", "avg", "-d", str(root), "-o", str(out), "--resize", "32", "--crop-size", "32",
+         "--num-workers", "0", "--device", "cpu", "--precision", "fp32"],
     )
     assert result.exit_code == 0, result.output
     feats = load_features(out)
-    want, _ = backbone_for_eval(random_init=True, arch="vit_tiny", patch_size=4, img_size=32, patch_embed="conv")
+    want, _ = backbone_for_eval(
+        random_init=True, arch="vit_tiny", patch_size=4, img_size=32, patch_embed="conv", pool="avg"
+    )
     expected = extract_folder(want, root, resize=32, crop_size=32)
     torch.testing.assert_close(feats.features, expected.features, rtol=1e-5, atol=1e-5)
-    assert feats.metadata["backbone"]["kwargs"]["patch_embed"] == "conv"
+    assert feats.metadata["backbone"]["kwargs"] == {"img_size": 32, "patch_size": 4, "patch_embed": "conv", "pool": "avg"}
+    cls, _ = backbone_for_eval(random_init=True, arch="vit_tiny", patch_size=4, img_size=32, patch_embed="conv")
+    assert (extract_folder(cls, root, resize=32, crop_size=32).features - feats.features).abs().max() > 1e-3
 
 
 def test_one_step_knn_extracts_first(tmp_path: Path, cli) -> None:
@@ -312,3 +316,10 @@ def test_extract_then_knn_on_cifar10_sub(tmp_path: Path, cli) -> None:
     # even random features carry colour and layout: better than the 10 % of chance
     assert all(r["top1"] > 15.0 for r in data["results"])
     assert data["results"][1]["top1"] == knn_features(train, val, k=20).top1
+
+
+def test_random_init_builds_the_trained_pooling_and_weights_keep_their_own() -> None:
+    model, info = backbone_for_eval(random_init=True, arch="vit_tiny", patch_size=4, img_size=32, pool="avg")
+    assert model.pool == "avg" and info["backbone"]["kwargs"]["pool"] == "avg"
+    with pytest.raises(UsageError, match="--pool applies to --random-init"):
+        backbone_for_eval("weights.pth", pool="avg")

@@ -91,6 +91,20 @@ def test_structural_change_on_resume_is_refused(images, tmp_path):
         pretrain(config(images, tmp_path / "run", epochs=2, out_dim=64))
 
 
+def test_mean_patch_token_run_keeps_its_pooling(images, tmp_path):
+    run = tmp_path / "run"
+    pretrain(config(images, run, epochs=1, pool="avg"))
+    ckpt = torch.load(run / "checkpoint.pth", weights_only=True)
+    assert ckpt["dinocli.backbone"]["kwargs"]["pool"] == "avg"
+    model = dinocli.load_backbone(run / "checkpoint.pth")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.forward_features(x)[:, 1:].mean(dim=1))
+    for changed in ({"pool": "cls"}, {"patch_embed": "conv"}):
+        with pytest.raises(UsageError, match=next(iter(changed))):
+            pretrain(config(images, run, epochs=2, **changed))
+
+
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(images, tmp_path, monkeypatch):
     run = tmp_path / "run"
     pretrain(config(images, run, epochs=1))

@@ -301,3 +301,21 @@ def test_conv_patch_embed_needs_a_power_of_two_patch():
         dinocli.create_backbone(ARCH, patch_size=6, img_size=36, patch_embed="conv")
     with pytest.raises(UsageError, match="unknown patch embedding 'conv3'"):
         dinocli.create_backbone(ARCH, patch_size=4, img_size=32, patch_embed="conv3")
+
+
+def test_avg_pool_returns_the_mean_normed_patch_token_with_the_same_keys():
+    model = randomized_vit(8, img_size=32)
+    avg = dinocli.create_backbone(ARCH, patch_size=8, img_size=32, pool="avg").eval()
+    assert list(avg.state_dict()) == list(model.state_dict())  # no extra tensors
+    avg.load_state_dict(model.state_dict())
+    for h, w in [(32, 32), (16, 24)]:
+        x = image_batch(h, w)
+        outputs, _ = ref_run(model.state_dict(), x, 8)
+        with torch.no_grad():
+            assert_rel_close(avg(x), outputs[-1][:, 1:].mean(dim=1))
+            assert_rel_close(model(x), outputs[-1][:, 0])
+
+
+def test_unknown_pool_is_a_usage_error():
+    with pytest.raises(dinocli.UsageError, match="unknown ViT pooling 'max'; choose one of cls, avg"):
+        dinocli.create_backbone(ARCH, patch_size=8, img_size=32, pool="max")

@@ -169,8 +169,13 @@ class PatchEmbed(nn.Module):
         return self.grid(x).flatten(2).transpose(1, 2)
 
 
+#: What a ViT returns: the CLS token (the reference's) or the mean patch token (global average).
+POOLS = ("cls", "avg")
+
+
 class VisionTransformer(nn.Module):
-    """ViT returning the CLS embedding after the final norm, ``[B, embed_dim]``."""
+    """ViT returning the CLS token (``pool="cls"``) or the mean patch token (``pool="avg"``) after
+    the final norm, ``[B, embed_dim]``."""
 
     supports_attention = True
 
@@ -186,14 +191,18 @@ class VisionTransformer(nn.Module):
         qkv_bias: bool = True,
         drop_path_rate: float = 0.0,
         patch_embed: str = "linear",
+        pool: str = "cls",
     ) -> None:
         super().__init__()
+        if pool not in POOLS:
+            raise UsageError(f"unknown ViT pooling {pool!r}; choose one of {', '.join(POOLS)}")
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         self.embed_dim = self.num_features = embed_dim
         self.patch_size = patch_size
         self.num_heads = num_heads
         self.img_size = img_size
+        self.pool = pool
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_embed)
         num_patches = (img_size // patch_size) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -247,7 +256,8 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(x)[:, 0]
+        tokens = self.forward_features(x)
+        return tokens[:, 1:].mean(dim=1) if self.pool == "avg" else tokens[:, 0]
 
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
         """The last block's attention probabilities, ``[B, heads, 1 + N, 1 + N]``."""
@@ -295,6 +305,7 @@ def _factory(arch: str):
         drop_path_rate: float = 0.0,
         img_size: int = 224,
         patch_embed: str = "linear",
+        pool: str = "cls",
         **_: Any,
     ) -> VisionTransformer:
         # The position embeddings are sized for the training crop, rounded to whole patches.
@@ -307,6 +318,7 @@ def _factory(arch: str):
             num_heads=num_heads,
             drop_path_rate=drop_path_rate,
             patch_embed=patch_embed,
+            pool=pool,
         )
 
     return build

@@ -29,6 +29,10 @@ PatchEmbedding = Annotated[
     str | None,
     typer.Option("--patch-embed", help="With --random-init: the ViT's patch embedding, linear or conv."),
 ]
+Pooling = Annotated[
+    str | None,
+    typer.Option("--pool", help="With --random-init: the ViT's embedding, cls (CLS token) or avg (mean patch token)."),
+]
 RawPixels = Annotated[
     bool, typer.Option("--raw-pixels", help="No network: the flattened normalised crop (a baseline).")
 ]
@@ -59,6 +63,7 @@ def extract_command(
     patch_size: PatchSize = None,
     random_init: RandomInit = False,
     patch_embed: PatchEmbedding = None,
+    pool: Pooling = None,
     raw_pixels: RawPixels = False,
     seed: Seed = 0,
     resize: Resize = 256,
@@ -95,7 +100,7 @@ def extract_command(
     )
     images = check_before_loading(data, options)
     model, info = load_model(
-        weights, checkpoint_key, arch, patch_size, random_init, raw_pixels, crop_size, seed, patch_embed
+        weights, checkpoint_key, arch, patch_size, random_init, raw_pixels, crop_size, seed, patch_embed, pool
     )
     start = time.perf_counter()
     feats = extract_with_progress(model, data, images=images, **options)
@@ -119,6 +124,7 @@ def load_model(
     crop_size: int,
     seed: int,
     patch_embed: str | None = None,
+    pool: str | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """The backbone named by the CLI options, and its description for the features file."""
     from dinocli.evaluate.extract import backbone_for_eval
@@ -133,6 +139,7 @@ def load_model(
         img_size=crop_size,
         seed=seed,
         patch_embed=patch_embed,
+        pool=pool,
     )
 
 

@@ -23,6 +23,7 @@ from dinocli.cli.extract import (
     NumWorkers,
     PatchEmbedding,
     PatchSize,
+    Pooling,
     Precision,
     RandomInit,
     RawPixels,
@@ -80,6 +81,7 @@ def knn_command(
     patch_size: PatchSize = None,
     random_init: RandomInit = False,
     patch_embed: PatchEmbedding = None,
+    pool: Pooling = None,
     raw_pixels: RawPixels = False,
     seed: Seed = 0,
     resize: Resize = 256,
@@ -120,7 +122,8 @@ def knn_command(
         train_images = check_before_loading(train_data, options)
         val_images = check_before_loading(val_data, options)
         model, _ = load_model(
-            weights, checkpoint_key, arch, patch_size, random_init, raw_pixels, crop_size, seed, patch_embed
+            weights, checkpoint_key, arch, patch_size, random_init, raw_pixels, crop_size, seed, patch_embed,
+            pool,
         )
         train_feats = extract_with_progress(model, train_data, images=train_images, **options)
         val_feats = extract_with_progress(model, val_data, images=val_images, **options)

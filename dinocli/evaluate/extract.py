@@ -252,11 +252,12 @@ def backbone_for_eval(
     img_size: int = 224,
     seed: int = 0,
     patch_embed: str | None = None,
+    pool: str | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The backbone to evaluate and what describes it (for the features file).
 
     From ``weights``; or randomly initialised (``random_init``, needs ``arch``; ``patch_embed``
-    picks a ViT's patch embedding, as ``--patch-embed`` in training); or no network at all
+    and ``pool`` pick a ViT's patch embedding and output, as in training); or no network at all
     (``raw_pixels``: the flattened preprocessed crop, the baseline learned features must beat).
     """
     from dinocli.registry import create_backbone
@@ -264,8 +265,9 @@ def backbone_for_eval(
 
     if checkpoint_key not in ("teacher", "student"):
         raise UsageError(f"--checkpoint-key must be teacher or student, got {checkpoint_key!r}")
-    if patch_embed is not None and not random_init:
-        raise UsageError("--patch-embed applies to --random-init (a weights file names its own)")
+    for option, value in (("--patch-embed", patch_embed), ("--pool", pool)):
+        if value is not None and not random_init:
+            raise UsageError(f"{option} applies to --random-init (a weights file names its own)")
     if raw_pixels:
         if weights is not None or random_init or arch is not None:
             raise UsageError("--raw-pixels uses no network: drop --weights, --random-init and --arch")
@@ -280,6 +282,8 @@ def backbone_for_eval(
             kwargs["patch_size"] = patch_size
         if patch_embed is not None:
             kwargs["patch_embed"] = patch_embed
+        if pool is not None:
+            kwargs["pool"] = pool
         torch.manual_seed(seed)
         model = create_backbone(arch, **kwargs).eval()
         return model, {"backbone": {"name": arch, "kwargs": kwargs}, "weights": None, "seed": seed}

@@ -55,7 +55,7 @@ def bicubic_resize_matrix(ones: torch.Tensor, grid: torch.Tensor, identity: torc
 
 
 class PortableViT(nn.Module):
-    """The CLS embedding of a dinocli :class:`~dinocli.backbones.vit.VisionTransformer`, traceable.
+    """The embedding of a dinocli :class:`~dinocli.backbones.vit.VisionTransformer`, traceable.
 
     Shares the ViT's parameters; ``forward(x: [B, 3, H, W]) -> [B, embed_dim]`` equals the ViT's
     for every ``B``, ``H`` and ``W`` (to float rounding of the resized position embeddings).
@@ -68,6 +68,7 @@ class PortableViT(nn.Module):
         self.pos_embed = vit.pos_embed
         self.blocks = vit.blocks
         self.norm = vit.norm
+        self.pool_avg = getattr(vit, "pool", "cls") == "avg"
         self.num_patches = vit.pos_embed.shape[1] - 1
         side = math.isqrt(self.num_patches)
         if side * side != self.num_patches:
@@ -98,4 +99,5 @@ class PortableViT(nn.Module):
         tokens = torch.cat((cls, tokens), dim=1) + self._position_embeddings(x, patches)
         for block in self.blocks:
             tokens = block(tokens)
-        return self.norm(tokens)[:, 0]
+        tokens = self.norm(tokens)
+        return tokens[:, 1:].mean(dim=1) if self.pool_avg else tokens[:, 0]

@@ -56,6 +56,13 @@ class PretrainConfig:
         MODEL,
         choices=("linear", "conv"),
     )
+    pool: str = _opt(
+        "cls",
+        "ViT output: cls (the CLS token, the reference's) or avg (the mean patch token, global "
+        "average pooling). Other backbones ignore it.",
+        MODEL,
+        choices=("cls", "avg"),
+    )
     out_dim: int = _opt(65536, "Number of prototypes (head output size).", MODEL)
     norm_last_layer: bool = _opt(True, "Fix the norm of the prototypes to 1 (more stable).", MODEL)
     momentum_teacher: float = _opt(

@@ -59,7 +59,7 @@ STUDENT_TEMP = 0.1
 
 #: Options that fix the shape of what a checkpoint holds: a resumed run must keep them.
 STRUCTURAL = (
-    "arch", "patch_size", "out_dim", "norm_last_layer", "use_bn_in_head", "collapse",
+    "arch", "patch_size", "patch_embed", "pool", "out_dim", "norm_last_layer", "use_bn_in_head", "collapse",
     "augmentation", "local_crops_number", "global_crop_size", "optimizer",
 )
 
@@ -132,6 +132,7 @@ class Trainer:
                 "patch_size": cfg.patch_size,
                 "img_size": cfg.global_crop_size,
                 "patch_embed": cfg.patch_embed,
+                "pool": cfg.pool,
             },
         }
         student_backbone = create_backbone(

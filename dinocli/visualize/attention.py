@@ -3,7 +3,8 @@
 The numerics follow the reference ``visualize_attention.py`` of the DINO paper: the image is
 resized, normalised with the ImageNet statistics and cropped (top-left) to a multiple of the patch
 size; the map of head ``j`` is row 0 (the CLS token) of the last block's softmax attention, without
-its CLS column, reshaped to the patch grid. A mask keeps the smallest set of patches holding at
+its CLS column, reshaped to the patch grid (for a ViT whose embedding is the mean patch token, the
+patch rows averaged instead). A mask keeps the smallest set of patches holding at
 least a fraction ``T`` of the head's attention mass.
 """
 
@@ -36,6 +37,7 @@ class ImageAttention:
     maps: torch.Tensor  # [heads, h, w] float32, CLS-to-patch attention of the selected heads
     heads: list[int]  # the model's head index of each map
     patch_size: int
+    query: str = "CLS"  # whose attention the maps show (see attention_query)
 
 
 def resolve_size(image_size: Sequence[int], keep_aspect: bool = False) -> int | tuple[int, int]:
@@ -75,11 +77,27 @@ def preprocess(
 
 def cls_attention(attention: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """CLS-to-patch rows ``[B, heads, h, w]`` of an attention tensor ``[B, heads, 1+N, 1+N]``."""
-    B, heads, tokens, _ = attention.shape
-    h, w = grid
-    if tokens != 1 + h * w:
-        raise ValueError(f"attention over {tokens} tokens does not fit a {h}x{w} patch grid")
-    return attention[:, :, 0, 1:].reshape(B, heads, h, w)
+    return _to_patches(attention, grid)[:, :, 0].unflatten(-1, grid)
+
+
+def mean_patch_attention(attention: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Patch-to-patch attention averaged over the patch queries ``[B, heads, h, w]``: what the mean
+    patch token (a ViT with ``pool="avg"``) attends to, as the CLS row is for the CLS token."""
+    return _to_patches(attention, grid)[:, :, 1:].mean(dim=2).unflatten(-1, grid)
+
+
+def _to_patches(attention: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The columns of the patch tokens ``[B, heads, 1+N, N]``, checked against the ``h x w`` grid."""
+    tokens = attention.shape[2]
+    if tokens != 1 + grid[0] * grid[1]:
+        raise ValueError(f"attention over {tokens} tokens does not fit a {grid[0]}x{grid[1]} patch grid")
+    return attention[..., 1:]
+
+
+def attention_query(model: nn.Module) -> str:
+    """Whose attention :func:`attention_maps` shows: ``"CLS"``, or ``"mean patch"`` for a ViT whose
+    embedding is the mean patch token (``pool="avg"``)."""
+    return "mean patch" if getattr(model, "pool", "cls") == "avg" else "CLS"
 
 
 def select_heads(num_heads: int, heads: Sequence[int] | None) -> list[int]:
@@ -112,7 +130,9 @@ def attention_maps(
     images: torch.Tensor | Sequence[torch.Tensor],
     heads: Sequence[int] | None = None,
 ) -> list[torch.Tensor]:
-    """Raw CLS-to-patch attention ``[heads, h, w]`` (float32, CPU) of each normalised image ``[3, H, W]``.
+    """Raw CLS-to-patch attention ``[heads, h, w]`` (float32, CPU) of each normalised image ``[3, H, W]``;
+    for a ViT whose output is the mean patch token (``pool="avg"``), the attention of the patch
+    queries averaged (:func:`mean_patch_attention`).
 
     Images of the same size run as one batch. ``H`` and ``W`` must be multiples of the patch size.
     The model runs in eval mode (its previous mode is restored).
@@ -129,6 +149,7 @@ def attention_maps(
         if img.shape[1] % patch or img.shape[2] % patch:
             raise ValueError(f"image size {list(img.shape[1:])} is not a multiple of patch {patch}")
         groups.setdefault((img.shape[1], img.shape[2]), []).append(i)
+    rows = mean_patch_attention if attention_query(model) == "mean patch" else cls_attention
     was_training = model.training
     model.eval()  # no stochastic depth
     try:
@@ -136,7 +157,7 @@ def attention_maps(
             x = torch.stack([batch[i] for i in members]).to(device)
             attention = model.get_last_selfattention(x)
             chosen = select_heads(attention.shape[1], heads)
-            maps = cls_attention(attention, (H // patch, W // patch))[:, chosen]
+            maps = rows(attention, (H // patch, W // patch))[:, chosen]
             for i, m in zip(members, maps):
                 out[i] = m.float().cpu()
     finally:

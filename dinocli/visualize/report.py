@@ -31,6 +31,7 @@ from dinocli.visualize.attention import (
     ImageAttention,
     attention_mask,
     attention_maps,
+    attention_query,
     preprocess,
     require_attention,
     select_heads,
@@ -114,7 +115,7 @@ def write_image_report(
             tiles.append((f"head {j}: {float(threshold):.0%} mass", Image.fromarray(tinted)))
     else:
         tiles += [(f"head {j}", Image.fromarray(colored[j])) for j in result.heads]
-    title = f"{result.name}: last-block CLS attention, patch {p}" + (
+    title = f"{result.name}: last-block {result.query} attention, patch {p}" + (
         f", masks hold {threshold:.0%} of each head's mass" if threshold is not None else ""
     )
     files["grid"] = write_png(folder / "grid.png", contact_sheet(tiles, tile_size=tile_size, title=title))
@@ -124,7 +125,7 @@ def write_image_report(
         "patch_size": str(p),
         "image_size": json.dumps([H, W]),
         "source": result.name,
-        "description": "CLS-to-patch attention of the last block, [heads, h, w]",
+        "description": f"{result.query}-to-patch attention of the last block, [heads, h, w]",
     }
     files["attention"] = folder / "attention.safetensors"
     atomic_write_bytes(
@@ -172,7 +173,7 @@ def write_attention_report(
         maps = attention_maps(model, [tensor for tensor, _ in prepared], heads)
         for (name, _), (_, photo), m in zip(chunk, prepared, maps):
             shown = list(dict.fromkeys(heads)) if heads is not None else list(range(m.shape[0]))
-            result = ImageAttention(name, photo, m, shown, patch)
+            result = ImageAttention(name, photo, m, shown, patch, attention_query(model))
             report = write_image_report(
                 result, output / name, threshold, colormap, upsample_mode
             )
@@ -188,7 +189,7 @@ def write_attention_report(
         )
         for r in reports
     ]
-    details = f"Last-block CLS attention, patch size {patch}, colour map {colormap}"
+    details = f"Last-block {attention_query(model)} attention, patch size {patch}, colour map {colormap}"
     if threshold is not None:
         details += f"; masks hold at least {threshold:.0%} of each head's attention mass"
     write_index_html(index, title, entries, details + ".")
