@@ -34,7 +34,7 @@ class ImageAttention:
 
     name: str
     photo: Image.Image  # resized and cropped RGB, exactly the pixels the model saw
-    maps: torch.Tensor  # [heads, h, w] float32, CLS-to-patch attention of the selected heads
+    maps: torch.Tensor  # [heads, h, w] float32, query-to-patch attention of the selected heads
     heads: list[int]  # the model's head index of each map
     patch_size: int
     query: str = "CLS"  # whose attention the maps show (see attention_query)
