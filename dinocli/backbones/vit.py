@@ -173,6 +173,11 @@ class PatchEmbed(nn.Module):
 POOLS = ("cls", "avg")
 
 
+def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
+    """The embedding ``[B, D]`` of normed tokens ``[B, 1 + N, D]``: CLS (``cls``) or mean patch (``avg``)."""
+    return tokens[:, 1:].mean(dim=1) if pool == "avg" else tokens[:, 0]
+
+
 class VisionTransformer(nn.Module):
     """ViT returning the CLS token (``pool="cls"``) or the mean patch token (``pool="avg"``) after
     the final norm, ``[B, embed_dim]``."""
@@ -256,8 +261,7 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.forward_features(x)
-        return tokens[:, 1:].mean(dim=1) if self.pool == "avg" else tokens[:, 0]
+        return pool_tokens(self.forward_features(x), self.pool)
 
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
         """The last block's attention probabilities, ``[B, heads, 1 + N, 1 + N]``."""

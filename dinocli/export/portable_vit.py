@@ -16,6 +16,8 @@ import math
 import torch
 from torch import nn
 
+from dinocli.backbones.vit import pool_tokens
+
 _CUBIC_A = -0.75
 
 
@@ -68,7 +70,7 @@ class PortableViT(nn.Module):
         self.pos_embed = vit.pos_embed
         self.blocks = vit.blocks
         self.norm = vit.norm
-        self.pool_avg = getattr(vit, "pool", "cls") == "avg"
+        self.pool = vit.pool
         self.num_patches = vit.pos_embed.shape[1] - 1
         side = math.isqrt(self.num_patches)
         if side * side != self.num_patches:
@@ -99,5 +101,4 @@ class PortableViT(nn.Module):
         tokens = torch.cat((cls, tokens), dim=1) + self._position_embeddings(x, patches)
         for block in self.blocks:
             tokens = block(tokens)
-        tokens = self.norm(tokens)
-        return tokens[:, 1:].mean(dim=1) if self.pool_avg else tokens[:, 0]
+        return pool_tokens(self.norm(tokens), self.pool)
