@@ -2,16 +2,18 @@
 
     python benchmarks/small_data.py [--minutes 40] [--data ../shared/datasets/cifar10_sub]
         [--recipes reference small-data auto] [--output runs/small-data-bench] [--curve]
-        [--set KEY=VALUE ...]
+        [--eval-size 32] [--set KEY=VALUE ...]
 
 For each recipe: a short probe measures the time per iteration, the number of epochs that fits in
 the budget is set with ``--epochs`` (so each recipe's schedules fit its run), the run trains, and
-the teacher's k-NN top-1 (k=20, val against train) is measured with the code of ``dino knn``. A
-recipe that resolves to the same configuration as one before it (``auto`` may choose exactly what
-``small-data`` sets) is not trained again: its row says so and repeats that result. The same
-network at random initialisation and raw pixels are measured in the same run. ``reference`` gets
-the sizes the reference recipe needs for 32-px images (ViT-Tiny/4, 32/16-px crops, 6 local crops,
-4096 prototypes), as in the recipes issue. Prints one table and the machine.
+the teacher's k-NN top-1 (k=20, val against train) is measured with the code of ``dino knn`` on
+the images resized to ``--eval-size`` pixels (32, cifar10_sub's own, for every row, whatever crop
+size a recipe trains on). A recipe that resolves to the same configuration as one before it
+(``auto`` may choose exactly what ``small-data`` sets) is not trained again: its row says so and
+repeats that result. The same network at random initialisation and raw pixels are measured in the
+same run. ``reference`` gets the sizes the reference recipe needs for 32-px images (ViT-Tiny/4,
+32/16-px crops, 6 local crops, 4096 prototypes), as in the recipes issue. Prints one table and the
+machine.
 
 ``--curve`` also measures the k-NN after every epoch (as ``dino pretrain --knn-every 1`` does:
 37-px resize, 32-px centre crop) and prints each recipe's curve against its training minutes; the
@@ -85,17 +87,19 @@ def options(recipe: str, data: Path, output: Path, epochs: int | None, curve: bo
     return values
 
 
-def seconds_per_epoch(recipe: str, data: Path, scratch: Path, probe_iters: int = 3,
+def seconds_per_epoch(recipe: str, data: Path, scratch: Path, probe_iters: int = 10, warmup_iters: int = 3,
                       sets: dict | None = None) -> float:
-    """Time a few training iterations of ``recipe`` (after one warm-up iteration)."""
+    """Time ten training iterations of ``recipe`` after three warm-up ones (the first few are slower:
+    three timed after one warm-up fitted 11 epochs of 24-px crops where 12 took 38.9 minutes)."""
     cfg = resolve_config(overrides=options(recipe, data, scratch, 100, sets=sets))
     trainer = Trainer(cfg, ProcessGroup(), torch.device("cpu"), "bf16" if cfg.precision == "auto" else cfg.precision)
     try:
         loader = trainer._loader()
         trainer.dataset.set_epoch(0)
         batches = iter(loader)
-        views, _ = next(batches)
-        trainer.step(views, 0.04, 0.99)
+        for _ in range(warmup_iters):
+            views, _ = next(batches)
+            trainer.step(views, 0.04, 0.99)
         start = time.perf_counter()
         for _ in range(probe_iters):
             views, _ = next(batches)
@@ -142,6 +146,8 @@ def main() -> None:
                         default=Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10_sub")
     parser.add_argument("--recipes", nargs="+", default=["reference", "small-data", "auto"])
     parser.add_argument("--output", type=Path, default=Path("runs/small-data-bench"))
+    parser.add_argument("--eval-size", type=int, default=32,
+                        help="k-NN of every row on images resized to this size (32: cifar10_sub's own)")
     parser.add_argument("--curve", action="store_true",
                         help="k-NN after every epoch of each trained recipe (every N with --set knn_every=N)")
     parser.add_argument("--set", dest="sets", type=parse_set, action="append", default=[], metavar="KEY=VALUE",
@@ -177,7 +183,7 @@ def main() -> None:
         train_min = (time.perf_counter() - start - evaluating) / 60
         if cfg.knn_every:
             curves[recipe] = training_curve(history)
-        top1 = knn_top1(dinocli.load_backbone(run / "checkpoint.pth"), args.data, cfg.global_crop_size)
+        top1 = knn_top1(dinocli.load_backbone(run / "checkpoint.pth"), args.data, args.eval_size)
         configs.append(cfg)
         rows.append({"what": recipe + variant, "epochs": epochs, "train_min": round(train_min, 1), "knn_top1": top1,
                      "arch": f"{cfg.arch}/{cfg.patch_size}", "out_dim": cfg.out_dim,
@@ -185,25 +191,28 @@ def main() -> None:
         trained[signature(cfg)] = rows[-1]
         print(json.dumps(rows[-1]), flush=True)
 
-    networks = dict.fromkeys((c.arch, c.patch_size, c.patch_embed, c.pool, c.global_crop_size) for c in configs)
+    networks = dict.fromkeys((c.arch, c.patch_size, c.patch_embed, c.pool) for c in configs)
     measured = set()
-    for arch, patch_size, patch_embed, pool, size in networks:
+    for arch, patch_size, patch_embed, pool in networks:
         random_model, _ = backbone_for_eval(
-            random_init=True, arch=arch, patch_size=patch_size, img_size=size, patch_embed=patch_embed, pool=pool
+            random_init=True, arch=arch, patch_size=patch_size, img_size=args.eval_size, patch_embed=patch_embed,
+            pool=pool,
         )
         patched = getattr(random_model, "patch_size", None)
         name = f"{arch}/{patch_size}" if patched else arch
         name += ", conv stem" if patched and patch_embed == "conv" else ""
         name += ", mean patch token" if patched and pool == "avg" else ""
-        if (name, size) in measured:  # a backbone without patches ignores the patch size and embedding
+        if name in measured:  # a backbone without patches ignores the patch size and embedding
             continue
-        measured.add((name, size))
-        rows.append({"what": f"random init ({name})", "knn_top1": knn_top1(random_model, args.data, size)})
-    raw, _ = backbone_for_eval(raw_pixels=True, img_size=32)
-    rows.append({"what": "raw pixels", "knn_top1": knn_top1(raw, args.data, 32)})
+        measured.add(name)
+        top1 = knn_top1(random_model, args.data, args.eval_size)
+        rows.append({"what": f"random init ({name})", "knn_top1": top1})
+    raw, _ = backbone_for_eval(raw_pixels=True, img_size=args.eval_size)
+    rows.append({"what": "raw pixels", "knn_top1": knn_top1(raw, args.data, args.eval_size)})
 
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__}; budget {args.minutes:g} min per recipe; data {args.data}")
+          f"torch {torch.__version__}; budget {args.minutes:g} min per recipe; data {args.data}, "
+          f"k-NN on {args.eval_size}-px images")
     width = max(26, *(len(row["what"]) + 2 for row in rows))
     print(f"{'what':<{width}}{'epochs':>7}{'train min':>10}{'k-NN top-1':>12}")
     for row in rows:

@@ -117,6 +117,32 @@ def test_small_data_benchmark_set_overrides_every_recipe(image_folder_tree, tmp_
     assert out.count("random init (resnet18)") == 1
 
 
+@pytest.mark.parametrize("argv, size", [([], 32), (["--eval-size", "40"], 40)])
+def test_small_data_benchmark_measures_every_row_at_one_image_size(
+    image_folder_tree, tmp_path, monkeypatch, argv, size
+):
+    # recipes that train on smaller crops are still measured on the data set's own images
+    bench = small_data_benchmark()
+    built, measured = [], []
+
+    def backbone_for_eval(**kwargs):
+        built.append(kwargs["img_size"])
+        return "model", None
+
+    monkeypatch.setattr(bench, "seconds_per_epoch", lambda *args, **kwargs: 60.0)
+    monkeypatch.setattr(bench, "pretrain", lambda cfg: types.SimpleNamespace(history=[]))
+    monkeypatch.setattr(bench.dinocli, "load_backbone", lambda path: "model")
+    monkeypatch.setattr(bench, "backbone_for_eval", backbone_for_eval)
+    monkeypatch.setattr(bench, "knn_top1", lambda model, data, eval_size: measured.append(eval_size) or 30.0)
+    monkeypatch.setattr(sys, "argv", ["small_data.py", "--data", str(image_folder_tree), "--minutes", "2",
+                                      "--output", str(tmp_path / "runs"), "--recipes", "small-data", "reference",
+                                      "--set", "global_crop_size=24", "--set", "local_crop_size=12", *argv])
+    bench.main()
+    # built: random init of the two networks (patch projection, conv stem) and raw pixels; measured:
+    # the two recipes, one random init (the stand-in model has no patches) and raw pixels
+    assert built == [size] * 3 and measured == [size] * 4
+
+
 @pytest.mark.parametrize("curve", [["--curve"], []])
 def test_small_data_benchmark_curve_every_n_epochs(image_folder_tree, tmp_path, monkeypatch, capsys, curve):
     bench = small_data_benchmark()
