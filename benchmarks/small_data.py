@@ -2,13 +2,13 @@
 
     python benchmarks/small_data.py [--minutes 40] [--data ../shared/datasets/cifar10_sub]
         [--recipes reference small-data auto] [--output runs/small-data-bench] [--curve]
-        [--eval-size 32] [--set KEY=VALUE ...]
+        [--eval-size PX] [--set KEY=VALUE ...]
 
 For each recipe: a short probe measures the time per iteration, the number of epochs that fits in
 the budget is set with ``--epochs`` (so each recipe's schedules fit its run), the run trains, and
 the teacher's k-NN top-1 (k=20, val against train) is measured with the code of ``dino knn`` on
-the images resized to ``--eval-size`` pixels (32, cifar10_sub's own, for every row, whatever crop
-size a recipe trains on). A recipe that resolves to the same configuration as one before it
+the images resized to ``--eval-size`` pixels (by default the data set's own size, 32 for
+cifar10_sub; the same for every row, whatever crop size a recipe trains on). A recipe that resolves to the same configuration as one before it
 (``auto`` may choose exactly what ``small-data`` sets) is not trained again: its row says so and
 repeats that result. The same network at random initialisation and raw pixels are measured in the
 same run. ``reference`` gets the sizes the reference recipe needs for 32-px images (ViT-Tiny/4,
@@ -44,6 +44,7 @@ import dinocli
 from dinocli.distributed import ProcessGroup
 from dinocli.errors import UsageError
 from dinocli.evaluate import backbone_for_eval, extract_folder, knn_features
+from dinocli.recipes import describe_data
 from dinocli.train import PretrainConfig, pretrain, resolve_config
 from dinocli.train.loop import Trainer
 
@@ -146,8 +147,8 @@ def main() -> None:
                         default=Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10_sub")
     parser.add_argument("--recipes", nargs="+", default=["reference", "small-data", "auto"])
     parser.add_argument("--output", type=Path, default=Path("runs/small-data-bench"))
-    parser.add_argument("--eval-size", type=int, default=32,
-                        help="k-NN of every row on images resized to this size (32: cifar10_sub's own)")
+    parser.add_argument("--eval-size", type=int,
+                        help="k-NN of every row on images resized to this size (default: the data set's own)")
     parser.add_argument("--curve", action="store_true",
                         help="k-NN after every epoch of each trained recipe (every N with --set knn_every=N)")
     parser.add_argument("--set", dest="sets", type=parse_set, action="append", default=[], metavar="KEY=VALUE",
@@ -157,6 +158,7 @@ def main() -> None:
     variant = "".join(f" {k}={v}" for k, v in sets.items())
     if not (args.data / "train").is_dir():
         raise SystemExit(f"data set not found: {args.data} (see ../shared/datasets/README.md)")
+    args.eval_size = args.eval_size or describe_data(args.data / "train").image_size
     try:  # unknown recipes, unknown options and values of the wrong type, before anything trains
         probes = {recipe: signature(resolve_config(overrides=options(recipe, args.data, args.output, 100, sets=sets)))
                   for recipe in args.recipes}
