@@ -2,13 +2,16 @@
 
     python benchmarks/small_data.py [--minutes 40] [--data ../shared/datasets/cifar10_sub]
         [--recipes reference small-data auto] [--output runs/small-data-bench] [--curve]
-        [--eval-size PX] [--set KEY=VALUE ...]
+        [--eval-size PX [PX ...]] [--set KEY=VALUE ...]
 
 For each recipe: a short probe measures the time per iteration, the number of epochs that fits in
 the budget is set with ``--epochs`` (so each recipe's schedules fit its run), the run trains, and
 the teacher's k-NN top-1 (k=20, val against train) is measured with the code of ``dino knn`` on
-the images resized to ``--eval-size`` pixels (by default the data set's own size, 32 for
-cifar10_sub; the same for every row, whatever crop size a recipe trains on). A recipe that resolves to the same configuration as one before it
+the whole images resized to each ``--eval-size`` (by default two: the data set's own size, 32 for
+cifar10_sub, and the size matched to the trained recipes' global crops,
+:func:`dinocli.evaluate.matched_eval_size`, 40 px for 32-px crops of 35-100 %: objects then look as
+large as in training). Every row is measured at every size, whatever crop size a recipe trains
+on. A recipe that resolves to the same configuration as one before it
 (``auto`` may choose exactly what ``small-data`` sets) is not trained again: its row says so and
 repeats that result. The same network at random initialisation and raw pixels are measured in the
 same run. ``reference`` gets the sizes the reference recipe needs for 32-px images (ViT-Tiny/4,
@@ -43,7 +46,7 @@ import torch
 import dinocli
 from dinocli.distributed import ProcessGroup
 from dinocli.errors import UsageError
-from dinocli.evaluate import backbone_for_eval, extract_folder, knn_features
+from dinocli.evaluate import backbone_for_eval, extract_folder, knn_features, matched_eval_size
 from dinocli.recipes import describe_data
 from dinocli.train import PretrainConfig, pretrain, resolve_config
 from dinocli.train.loop import Trainer
@@ -140,6 +143,12 @@ def knn_top1(model: torch.nn.Module, data: Path, size: int) -> float:
     return knn_features(train, val, k=20).top1
 
 
+def matched_size(cfg: PretrainConfig) -> int:
+    """The whole-image size at which objects look as large as in ``cfg``'s global crops."""
+    patches = cfg.patch_size if cfg.arch.startswith("vit") else 1
+    return matched_eval_size(cfg.global_crop_size, cfg.global_crops_scale, patches)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=40.0)
@@ -147,8 +156,9 @@ def main() -> None:
                         default=Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10_sub")
     parser.add_argument("--recipes", nargs="+", default=["reference", "small-data", "auto"])
     parser.add_argument("--output", type=Path, default=Path("runs/small-data-bench"))
-    parser.add_argument("--eval-size", type=int,
-                        help="k-NN of every row on images resized to this size (default: the data set's own)")
+    parser.add_argument("--eval-size", type=int, nargs="+",
+                        help="k-NN of every row on the images resized to each size (default: the data set's "
+                             "own, and the size matched to the trained recipes' global crops)")
     parser.add_argument("--curve", action="store_true",
                         help="k-NN after every epoch of each trained recipe (every N with --set knn_every=N)")
     parser.add_argument("--set", dest="sets", type=parse_set, action="append", default=[], metavar="KEY=VALUE",
@@ -158,12 +168,14 @@ def main() -> None:
     variant = "".join(f" {k}={v}" for k, v in sets.items())
     if not (args.data / "train").is_dir():
         raise SystemExit(f"data set not found: {args.data} (see ../shared/datasets/README.md)")
-    args.eval_size = args.eval_size or describe_data(args.data / "train").image_size
     try:  # unknown recipes, unknown options and values of the wrong type, before anything trains
-        probes = {recipe: signature(resolve_config(overrides=options(recipe, args.data, args.output, 100, sets=sets)))
-                  for recipe in args.recipes}
+        resolved = {recipe: resolve_config(overrides=options(recipe, args.data, args.output, 100, sets=sets))
+                    for recipe in args.recipes}
     except UsageError as exc:
         parser.error(str(exc))
+    probes = {recipe: signature(cfg) for recipe, cfg in resolved.items()}
+    sizes = args.eval_size or sorted({describe_data(args.data / "train").image_size,
+                                      *(matched_size(cfg) for cfg in resolved.values())})
 
     rows, probed, trained, curves, configs = [], {}, {}, {}, []
     for recipe in args.recipes:
@@ -185,7 +197,8 @@ def main() -> None:
         train_min = (time.perf_counter() - start - evaluating) / 60
         if cfg.knn_every:
             curves[recipe] = training_curve(history)
-        top1 = knn_top1(dinocli.load_backbone(run / "checkpoint.pth"), args.data, args.eval_size)
+        teacher = dinocli.load_backbone(run / "checkpoint.pth")
+        top1 = {size: knn_top1(teacher, args.data, size) for size in sizes}
         configs.append(cfg)
         rows.append({"what": recipe + variant, "epochs": epochs, "train_min": round(train_min, 1), "knn_top1": top1,
                      "arch": f"{cfg.arch}/{cfg.patch_size}", "out_dim": cfg.out_dim,
@@ -197,7 +210,7 @@ def main() -> None:
     measured = set()
     for arch, patch_size, patch_embed, pool in networks:
         random_model, _ = backbone_for_eval(
-            random_init=True, arch=arch, patch_size=patch_size, img_size=args.eval_size, patch_embed=patch_embed,
+            random_init=True, arch=arch, patch_size=patch_size, img_size=sizes[0], patch_embed=patch_embed,
             pool=pool,
         )
         patched = getattr(random_model, "patch_size", None)
@@ -207,19 +220,19 @@ def main() -> None:
         if name in measured:  # a backbone without patches ignores the patch size and embedding
             continue
         measured.add(name)
-        top1 = knn_top1(random_model, args.data, args.eval_size)
+        top1 = {size: knn_top1(random_model, args.data, size) for size in sizes}
         rows.append({"what": f"random init ({name})", "knn_top1": top1})
-    raw, _ = backbone_for_eval(raw_pixels=True, img_size=args.eval_size)
-    rows.append({"what": "raw pixels", "knn_top1": knn_top1(raw, args.data, args.eval_size)})
+    raw, _ = backbone_for_eval(raw_pixels=True, img_size=sizes[0])
+    rows.append({"what": "raw pixels", "knn_top1": {size: knn_top1(raw, args.data, size) for size in sizes}})
 
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}; budget {args.minutes:g} min per recipe; data {args.data}, "
-          f"k-NN on {args.eval_size}-px images")
+          f"k-NN top-1 on the whole images resized to {', '.join(map(str, sizes))} px")
     width = max(26, *(len(row["what"]) + 2 for row in rows))
-    print(f"{'what':<{width}}{'epochs':>7}{'train min':>10}{'k-NN top-1':>12}")
+    print(f"{'what':<{width}}{'epochs':>7}{'train min':>10}" + "".join(f"{f'@{size} px':>10}" for size in sizes))
     for row in rows:
         print(f"{row['what']:<{width}}{row.get('epochs', ''):>7}{row.get('train_min', ''):>10}"
-              f"{row['knn_top1']:>11.1f}%")
+              + "".join(f"{row['knn_top1'][size]:>9.1f}%" for size in sizes))
     for recipe, curve in curves.items():
         print(f"\n{recipe}, k-NN top-1 during training (epoch: training minutes, top-1):")
         print("  " + "  ".join(f"{epoch}: {minutes:g} min {top1:.1f}%" for epoch, minutes, top1 in curve))

@@ -117,11 +117,13 @@ def test_small_data_benchmark_set_overrides_every_recipe(image_folder_tree, tmp_
     assert out.count("random init (resnet18)") == 1
 
 
-@pytest.mark.parametrize("argv, size", [([], 40), (["--eval-size", "32"], 32)])
-def test_small_data_benchmark_measures_every_row_at_one_image_size(
-    image_folder_tree, tmp_path, monkeypatch, argv, size
+@pytest.mark.parametrize("argv, sizes", [([], [28, 32, 40]), (["--eval-size", "32"], [32])])
+def test_small_data_benchmark_measures_every_row_at_every_eval_size(
+    image_folder_tree, tmp_path, monkeypatch, capsys, argv, sizes
 ):
-    # recipes that train on smaller crops are still measured on the data set's own images (48x40 px)
+    # by default the data set's own size (48x40 px images: 40) and the sizes matched to each recipe's
+    # 24-px global crops: 24 * 2 (1 - sqrt(0.35)) / 0.65 = 30.2 -> 32 for small-data, 24 * 2 (1 -
+    # sqrt(0.4)) / 0.6 = 29.4 -> 28 for reference (4-px patches); every row is measured at each
     bench = small_data_benchmark()
     built, measured = [], []
 
@@ -133,14 +135,17 @@ def test_small_data_benchmark_measures_every_row_at_one_image_size(
     monkeypatch.setattr(bench, "pretrain", lambda cfg: types.SimpleNamespace(history=[]))
     monkeypatch.setattr(bench.dinocli, "load_backbone", lambda path: "model")
     monkeypatch.setattr(bench, "backbone_for_eval", backbone_for_eval)
-    monkeypatch.setattr(bench, "knn_top1", lambda model, data, eval_size: measured.append(eval_size) or 30.0)
+    monkeypatch.setattr(bench, "knn_top1", lambda model, data, eval_size: measured.append(eval_size) or eval_size)
     monkeypatch.setattr(sys, "argv", ["small_data.py", "--data", str(image_folder_tree), "--minutes", "2",
                                       "--output", str(tmp_path / "runs"), "--recipes", "small-data", "reference",
                                       "--set", "global_crop_size=24", "--set", "local_crop_size=12", *argv])
     bench.main()
     # built: random init of the two networks (patch projection, conv stem) and raw pixels; measured:
-    # the two recipes, one random init (the stand-in model has no patches) and raw pixels
-    assert built == [size] * 3 and measured == [size] * 4
+    # the two recipes, one random init (the stand-in model has no patches) and raw pixels, at each size
+    assert built == [sizes[0]] * 3 and measured == [size for _ in range(4) for size in sizes]
+    table = capsys.readouterr().out.split("machine:")[1].splitlines()
+    assert table[1].split()[-len(sizes) * 2:] == [word for size in sizes for word in (f"@{size}", "px")]
+    assert all(row.split()[-len(sizes):] == [f"{size:.1f}%" for size in sizes] for row in table[2:6])
 
 
 @pytest.mark.parametrize("curve", [["--curve"], []])

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from dinocli import UsageError, create_backbone
 from dinocli.cli import app
-from dinocli.evaluate import backbone_for_eval, extract_folder, knn_features, load_features
+from dinocli.evaluate import backbone_for_eval, extract_folder, knn_features, load_features, matched_eval_size
 from dinocli.weights import BACKBONE_SPEC_KEY
 from conftest import make_rgb_image
 
@@ -323,3 +323,16 @@ def test_random_init_builds_the_trained_pooling_and_weights_keep_their_own() -> 
     assert model.pool == "avg" and info["backbone"]["kwargs"]["pool"] == "avg"
     with pytest.raises(UsageError, match="--pool applies to --random-init"):
         backbone_for_eval("weights.pth", pool="avg")
+
+
+@pytest.mark.parametrize("crop, scale, multiple", [(32, (0.35, 1.0), 4), (224, (0.4, 1.0), 16), (96, (0.05, 0.4), 1)])
+def test_matched_eval_size_is_the_mean_magnification_of_the_training_crops(crop, scale, multiple) -> None:
+    # independent: the magnification 1 / sqrt(s) of crops whose area s is uniform in scale, averaged
+    # over a fine grid of s (midpoint rule), times the crop size, to the nearest multiple
+    s = np.linspace(*scale, 200_001)
+    mean = float(np.mean(1 / np.sqrt((s[1:] + s[:-1]) / 2)))
+    assert matched_eval_size(crop, scale, multiple) == multiple * round(crop * mean / multiple)
+    assert matched_eval_size(32, (0.35, 1.0), 4) == 40  # the small-data recipe's 32-px crops
+    assert matched_eval_size(32, (0.25, 0.25)) == 64  # a quarter of the area: twice the size
+    with pytest.raises(UsageError, match="crop scales"):
+        matched_eval_size(32, (0.0, 1.0))

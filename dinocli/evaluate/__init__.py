@@ -16,6 +16,7 @@ from dinocli.evaluate.extract import (
     eval_transform,
     extract_features,
     extract_folder,
+    matched_eval_size,
 )
 from dinocli.evaluate.features_io import Features, load_features, save_features
 from dinocli.evaluate.knn import (
@@ -47,6 +48,7 @@ __all__ = [
     "knn_classify",
     "knn_features",
     "load_features",
+    "matched_eval_size",
     "ranked_classes",
     "save_features",
     "weighted_vote",

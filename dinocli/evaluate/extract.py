@@ -56,6 +56,22 @@ def eval_transform(
     )
 
 
+def matched_eval_size(crop_size: int, crops_scale: Sequence[float], multiple: int = 1) -> int:
+    """The test resolution at which objects look as large as in random-resized training crops.
+
+    A crop of a fraction ``s`` of the image's area, resized to ``crop_size`` pixels, magnifies the
+    image ``1 / sqrt(s)`` times; over ``s`` uniform in ``crops_scale`` that is ``2 (sqrt(b) -
+    sqrt(a)) / (b - a)`` on average, so a whole test image is best resized to ``crop_size`` times
+    that (Touvron et al. 2019, "Fixing the train-test resolution discrepancy"): 40 px for 32-px
+    crops of 35-100 %. Rounded to a ``multiple`` (a ViT's patch size).
+    """
+    low, high = (float(v) for v in crops_scale)
+    if not 0 < low <= high <= 1:
+        raise UsageError(f"crop scales must satisfy 0 < min <= max <= 1, got {low} {high}")
+    magnification = 1 / high**0.5 if low == high else 2 * (high**0.5 - low**0.5) / (high - low)
+    return max(multiple, multiple * round(crop_size * magnification / multiple))
+
+
 def check_options(
     resize: int, crop_size: int, interpolation: str, batch_size: int, num_workers: int
 ) -> Callable[[Any], torch.Tensor]:
