@@ -246,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
+    if device.type == "cuda":  # the memory statistics need the allocator CUDA sets up lazily
+        torch.cuda.init()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

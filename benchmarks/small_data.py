@@ -2,17 +2,19 @@
 
     python benchmarks/small_data.py [--minutes 40] [--data ../shared/datasets/cifar10_sub]
         [--recipes reference small-data auto] [--output runs/small-data-bench] [--curve]
-        [--eval-size PX [PX ...]] [--set KEY=VALUE ...]
+        [--eval-size PX|RESIZE/CROP [...]] [--set KEY=VALUE ...]
 
 For each recipe: a short probe measures the time per iteration, the number of epochs that fits in
 the budget is set with ``--epochs`` (so each recipe's schedules fit its run), the run trains, and
-the teacher's k-NN top-1 (k=20, val against train) is measured with the code of ``dino knn`` on
-the whole images resized to each ``--eval-size`` (by default two: the data set's own size, 32 for
-cifar10_sub, and the size matched to the trained recipes' global crops,
-:func:`dinocli.evaluate.matched_eval_size`, 40 px for 32-px crops of 35-100 %: objects then look as
-large as in training). Every row is measured at every size, whatever crop size a recipe trains
-on. A recipe that resolves to the same configuration as one before it
-(``auto`` may choose exactly what ``small-data`` sets) is not trained again: its row says so and
+the teacher's k-NN top-1 (k=20, val against train) is measured with the code of ``dino knn`` at
+each ``--eval-size``: ``PX``, the whole images resized to PX; ``RESIZE/CROP``, resized to RESIZE
+and centre-cropped to CROP. By default three: the whole images at the data set's own size (32 for
+cifar10_sub) and at the size matched to the trained recipes' global crops
+(:func:`dinocli.evaluate.matched_eval_size`, 40 px for 32-px crops of 35-100 %: objects then look
+as large as in training), and the reference's evaluation transform at the data set's size (resize
+by 256/224, centre crop: 37/32, as ``dino pretrain --knn-every`` and ``--curve`` measure). Every
+row is measured in every way, whatever crop size a recipe trains on. A recipe that resolves to
+the same configuration as one before it (``auto`` may choose exactly what ``small-data`` sets) is not trained again: its row says so and
 repeats that result. The same network at random initialisation and raw pixels are measured in the
 same run. ``reference`` gets the sizes the reference recipe needs for 32-px images (ViT-Tiny/4,
 32/16-px crops, 6 local crops, 4096 prototypes), as in the recipes issue. Prints one table and the
@@ -46,7 +48,13 @@ import torch
 import dinocli
 from dinocli.distributed import ProcessGroup
 from dinocli.errors import UsageError
-from dinocli.evaluate import backbone_for_eval, extract_folder, knn_features, matched_eval_size
+from dinocli.evaluate import (
+    backbone_for_eval,
+    extract_folder,
+    knn_features,
+    matched_eval_size,
+    reference_resize,
+)
 from dinocli.recipes import describe_data
 from dinocli.train import PretrainConfig, pretrain, resolve_config
 from dinocli.train.loop import Trainer
@@ -136,8 +144,25 @@ def training_curve(history: list[dict]) -> list[tuple[int, float, float]]:
     return curve
 
 
-def knn_top1(model: torch.nn.Module, data: Path, size: int) -> float:
-    opts = dict(resize=size, crop_size=size, precision="fp32")
+def parse_view(text: str) -> tuple[int, int]:
+    """``PX`` (the whole image at PX) or ``RESIZE/CROP`` of ``--eval-size``, as ``(resize, crop)``."""
+    resize, slash, crop = text.partition("/")
+    try:
+        view = (int(resize), int(crop if slash else resize))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected PX or RESIZE/CROP, got {text!r}") from None
+    if not 0 < view[1] <= view[0]:
+        raise argparse.ArgumentTypeError(f"expected 0 < CROP <= RESIZE, got {text!r}")
+    return view
+
+
+def view_label(view: tuple[int, int]) -> str:
+    """``32`` for the whole image at 32 px, ``37/32`` for a 32-px centre crop of a 37-px resize."""
+    return str(view[1]) if view[0] == view[1] else f"{view[0]}/{view[1]}"
+
+
+def knn_top1(model: torch.nn.Module, data: Path, view: tuple[int, int]) -> float:
+    opts = dict(resize=view[0], crop_size=view[1], precision="fp32")
     train = extract_folder(model, data / "train", **opts)
     val = extract_folder(model, data / "val", **opts)
     return knn_features(train, val, k=20).top1
@@ -156,9 +181,10 @@ def main() -> None:
                         default=Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10_sub")
     parser.add_argument("--recipes", nargs="+", default=["reference", "small-data", "auto"])
     parser.add_argument("--output", type=Path, default=Path("runs/small-data-bench"))
-    parser.add_argument("--eval-size", type=int, nargs="+",
-                        help="k-NN of every row on the images resized to each size (default: the data set's "
-                             "own, and the size matched to the trained recipes' global crops)")
+    parser.add_argument("--eval-size", type=parse_view, nargs="+", metavar="PX|RESIZE/CROP",
+                        help="k-NN of every row on the whole images resized to PX, or resized to RESIZE and "
+                             "centre-cropped to CROP (default: the data set's own size, the size matched to the "
+                             "trained recipes' global crops, and the reference transform at the data set's size)")
     parser.add_argument("--curve", action="store_true",
                         help="k-NN after every epoch of each trained recipe (every N with --set knn_every=N)")
     parser.add_argument("--set", dest="sets", type=parse_set, action="append", default=[], metavar="KEY=VALUE",
@@ -174,8 +200,11 @@ def main() -> None:
     except UsageError as exc:
         parser.error(str(exc))
     probes = {recipe: signature(cfg) for recipe, cfg in resolved.items()}
-    sizes = args.eval_size or sorted({describe_data(args.data / "train").image_size,
-                                      *(matched_size(cfg) for cfg in resolved.values())})
+    own = describe_data(args.data / "train").image_size
+    views = args.eval_size or [(size, size) for size in sorted({own, *map(matched_size, resolved.values())})]
+    if not args.eval_size:
+        views.append((reference_resize(own), own))
+    labels = [view_label(view) for view in views]
 
     rows, probed, trained, curves, configs = [], {}, {}, {}, []
     for recipe in args.recipes:
@@ -198,7 +227,7 @@ def main() -> None:
         if cfg.knn_every:
             curves[recipe] = training_curve(history)
         teacher = dinocli.load_backbone(run / "checkpoint.pth")
-        top1 = {size: knn_top1(teacher, args.data, size) for size in sizes}
+        top1 = {label: knn_top1(teacher, args.data, view) for label, view in zip(labels, views)}
         configs.append(cfg)
         rows.append({"what": recipe + variant, "epochs": epochs, "train_min": round(train_min, 1), "knn_top1": top1,
                      "arch": f"{cfg.arch}/{cfg.patch_size}", "out_dim": cfg.out_dim,
@@ -206,33 +235,35 @@ def main() -> None:
         trained[signature(cfg)] = rows[-1]
         print(json.dumps(rows[-1]), flush=True)
 
-    networks = dict.fromkeys((c.arch, c.patch_size, c.patch_embed, c.pool) for c in configs)
+    networks = dict.fromkeys((c.arch, c.patch_size, c.patch_embed, c.pool, c.depth) for c in configs)
     measured = set()
-    for arch, patch_size, patch_embed, pool in networks:
+    for arch, patch_size, patch_embed, pool, depth in networks:
         random_model, _ = backbone_for_eval(
-            random_init=True, arch=arch, patch_size=patch_size, img_size=sizes[0], patch_embed=patch_embed,
-            pool=pool,
+            random_init=True, arch=arch, patch_size=patch_size, img_size=views[0][1], patch_embed=patch_embed,
+            pool=pool, depth=depth or None,
         )
         patched = getattr(random_model, "patch_size", None)
         name = f"{arch}/{patch_size}" if patched else arch
+        name += f", {depth} blocks" if patched and depth else ""
         name += ", conv stem" if patched and patch_embed == "conv" else ""
         name += ", mean patch token" if patched and pool == "avg" else ""
-        if name in measured:  # a backbone without patches ignores the patch size and embedding
+        if name in measured:  # a backbone without patches ignores the patch size, depth and embedding
             continue
         measured.add(name)
-        top1 = {size: knn_top1(random_model, args.data, size) for size in sizes}
+        top1 = {label: knn_top1(random_model, args.data, view) for label, view in zip(labels, views)}
         rows.append({"what": f"random init ({name})", "knn_top1": top1})
-    raw, _ = backbone_for_eval(raw_pixels=True, img_size=sizes[0])
-    rows.append({"what": "raw pixels", "knn_top1": {size: knn_top1(raw, args.data, size) for size in sizes}})
+    raw, _ = backbone_for_eval(raw_pixels=True, img_size=views[0][1])
+    rows.append({"what": "raw pixels",
+                 "knn_top1": {label: knn_top1(raw, args.data, view) for label, view in zip(labels, views)}})
 
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}; budget {args.minutes:g} min per recipe; data {args.data}, "
-          f"k-NN top-1 on the whole images resized to {', '.join(map(str, sizes))} px")
+          f"k-NN top-1 at {', '.join(labels)} px (PX: the whole image; RESIZE/CROP: a centre crop)")
     width = max(26, *(len(row["what"]) + 2 for row in rows))
-    print(f"{'what':<{width}}{'epochs':>7}{'train min':>10}" + "".join(f"{f'@{size} px':>10}" for size in sizes))
+    print(f"{'what':<{width}}{'epochs':>7}{'train min':>10}" + "".join(f"{f'@{label} px':>11}" for label in labels))
     for row in rows:
         print(f"{row['what']:<{width}}{row.get('epochs', ''):>7}{row.get('train_min', ''):>10}"
-              + "".join(f"{row['knn_top1'][size]:>9.1f}%" for size in sizes))
+              + "".join(f"{row['knn_top1'][label]:>10.1f}%" for label in labels))
     for recipe, curve in curves.items():
         print(f"\n{recipe}, k-NN top-1 during training (epoch: training minutes, top-1):")
         print("  " + "  ".join(f"{epoch}: {minutes:g} min {top1:.1f}%" for epoch, minutes, top1 in curve))

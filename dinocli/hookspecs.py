@@ -39,9 +39,10 @@ def dinocli_register_backbones(register: Register) -> None:
     (bool; when true it also has ``get_last_selfattention(x) -> [B, heads, 1+N, 1+N]``).
 
     Keyword arguments dinocli passes when it has them: ``patch_size``, ``drop_path_rate``,
-    ``img_size`` (the training crop size), ``patch_embed`` (``linear`` or ``conv``) and ``pool``
-    (``cls`` or ``avg``: the CLS token or the mean patch token as the embedding); backbones without
-    patches ignore the last two. A factory must accept ``**kwargs``.
+    ``img_size`` (the training crop size), ``patch_embed`` (``linear`` or ``conv``), ``pool``
+    (``cls`` or ``avg``: the CLS token or the mean patch token as the embedding) and, only when a
+    run asks for one (``--depth N``, N > 0), ``depth`` (transformer blocks); backbones without
+    patches ignore the last three. A factory must accept ``**kwargs``.
     """
 
 

@@ -158,7 +158,8 @@ def infer_backbone_spec(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     ]
     if "cls_token" in state_dict and ("patch_embed.proj.weight" in state_dict or stem_convs):
         dim = state_dict["cls_token"].shape[-1]
-        depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+        blocks = {k.split(".")[1] for k in state_dict if k.startswith("blocks.")}
+        depth = len(blocks)
         if stem_convs:  # a convolutional stem: one stride-2 convolution per halving
             patch, embed = 2 ** len(stem_convs), "conv"
         else:
@@ -166,8 +167,11 @@ def infer_backbone_spec(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
         n_patches = state_dict["pos_embed"].shape[1] - 1 if "pos_embed" in state_dict else 0
         side = math.isqrt(n_patches)
         for name, (d, layers, _) in VIT_ARCHS.items():
-            if d == dim and layers == depth:
+            # the width names the architecture; another depth (blocks 0..N-1) is a kwarg
+            if d == dim and blocks == {str(i) for i in range(depth)}:
                 kwargs = {"patch_size": patch, "img_size": side * patch, "patch_embed": embed}
+                if depth != layers:
+                    kwargs["depth"] = depth
                 return {"name": name, "kwargs": kwargs}
         raise UsageError(
             f"these ViT weights ({dim} wide, {depth} deep) match no built-in ViT; pass --arch"

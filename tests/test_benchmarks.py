@@ -10,7 +10,9 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -117,13 +119,20 @@ def test_small_data_benchmark_set_overrides_every_recipe(image_folder_tree, tmp_
     assert out.count("random init (resnet18)") == 1
 
 
-@pytest.mark.parametrize("argv, sizes", [([], [28, 32, 40]), (["--eval-size", "32"], [32])])
+DEFAULT_VIEWS = [(28, 28), (32, 32), (40, 40), (46, 40)]
+
+
+@pytest.mark.parametrize("argv, views", [
+    ([], DEFAULT_VIEWS), (["--eval-size", "32"], [(32, 32)]), (["--eval-size", "37/32", "40"], [(37, 32), (40, 40)]),
+])
 def test_small_data_benchmark_measures_every_row_at_every_eval_size(
-    image_folder_tree, tmp_path, monkeypatch, capsys, argv, sizes
+    image_folder_tree, tmp_path, monkeypatch, capsys, argv, views
 ):
     # by default the data set's own size (48x40 px images: 40) and the sizes matched to each recipe's
     # 24-px global crops: 24 * 2 (1 - sqrt(0.35)) / 0.65 = 30.2 -> 32 for small-data, 24 * 2 (1 -
-    # sqrt(0.4)) / 0.6 = 29.4 -> 28 for reference (4-px patches); every row is measured at each
+    # sqrt(0.4)) / 0.6 = 29.4 -> 28 for reference (4-px patches), then the reference's transform at the
+    # data set's size: a 40-px centre crop of the images resized to ceil(40 * 256 / 224) = 46 px; every
+    # row is measured in each way
     bench = small_data_benchmark()
     built, measured = [], []
 
@@ -135,17 +144,24 @@ def test_small_data_benchmark_measures_every_row_at_every_eval_size(
     monkeypatch.setattr(bench, "pretrain", lambda cfg: types.SimpleNamespace(history=[]))
     monkeypatch.setattr(bench.dinocli, "load_backbone", lambda path: "model")
     monkeypatch.setattr(bench, "backbone_for_eval", backbone_for_eval)
-    monkeypatch.setattr(bench, "knn_top1", lambda model, data, eval_size: measured.append(eval_size) or eval_size)
+    monkeypatch.setattr(bench, "knn_top1", lambda model, data, view: measured.append(view) or sum(view))
     monkeypatch.setattr(sys, "argv", ["small_data.py", "--data", str(image_folder_tree), "--minutes", "2",
                                       "--output", str(tmp_path / "runs"), "--recipes", "small-data", "reference",
                                       "--set", "global_crop_size=24", "--set", "local_crop_size=12", *argv])
     bench.main()
     # built: random init of the two networks (patch projection, conv stem) and raw pixels; measured:
     # the two recipes, one random init (the stand-in model has no patches) and raw pixels, at each size
-    assert built == [sizes[0]] * 3 and measured == [size for _ in range(4) for size in sizes]
+    assert built == [views[0][1]] * 3 and measured == [view for _ in range(4) for view in views]
+    labels = [f"{r}/{c}" if r != c else str(c) for r, c in views]
     table = capsys.readouterr().out.split("machine:")[1].splitlines()
-    assert table[1].split()[-len(sizes) * 2:] == [word for size in sizes for word in (f"@{size}", "px")]
-    assert all(row.split()[-len(sizes):] == [f"{size:.1f}%" for size in sizes] for row in table[2:6])
+    assert table[1].split()[-len(views) * 2:] == [word for label in labels for word in (f"@{label}", "px")]
+    assert all(row.split()[-len(views):] == [f"{sum(view):.1f}%" for view in views] for row in table[2:6])
+
+
+@pytest.mark.parametrize("text", ["32/40", "a", "0", "37/"])
+def test_small_data_benchmark_rejects_a_bad_eval_size(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        small_data_benchmark().parse_view(text)
 
 
 @pytest.mark.parametrize("curve", [["--curve"], []])
@@ -186,3 +202,30 @@ def test_small_data_benchmark_refuses_an_unknown_option_in_one_line(image_folder
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "learning_rate" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_recipe_sweep_runs_each_plan_entry_in_its_own_process(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 12), ("val", 4)):
+        for cls in range(2):
+            folder = tmp_path / "data" / split / f"class_{cls}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    tiny = {"depth": 1, "patch_size": 16, "out_dim": 32, "local_crops_number": 2, "batch_size": 8,
+            "precision": "fp32", "log_every": 1}
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"recipe": "small-data", "runs": [
+        {"name": "one block", "epochs": 2, "set": tiny},
+        {"name": "random init", "random_init": {"depth": 1, "patch_size": 16}},
+        {"name": "bad", "epochs": 1, "set": {**tiny, "lr": -1.0}},
+    ]}))
+    stdout = run_benchmark("recipe_sweep.py", str(plan), "--data", str(tmp_path / "data"), "--device", "cpu",
+                           "--parallel", "3", "--workers", "0", "--threads", "1", "--output", str(tmp_path / "out"))
+    results = {r["name"]: r for r in map(json.loads, (line for line in stdout.splitlines() if line.startswith("{")))}
+    trained, random_init = results["one block"], results["random init"]
+    assert trained["epochs"] == 2 and len(trained["curve"]) == 2  # k-NN every quarter of the run: each epoch
+    assert all(0 <= r[view] <= 100 for r in (trained, random_init) for view in ("32", "40", "37/32"))
+    assert "--lr must be a finite number >= 0" in results["bad"]["failed"]  # reported, the others still ran
+    table = stdout.split("machine:")[1]
+    assert "one block" in table and "not finished" in table

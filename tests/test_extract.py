@@ -97,6 +97,10 @@ def test_random_init_builds_the_trained_patch_embedding() -> None:
         torch.testing.assert_close(model(x), same(x), rtol=0, atol=0)  # seeded: the same network
     linear, _ = backbone_for_eval(random_init=True, arch="vit_tiny", patch_size=4, img_size=32)
     assert linear.patch_embed.kind == "linear"
+    shallow, info = backbone_for_eval(random_init=True, arch="vit_tiny", patch_size=4, img_size=32, depth=6)
+    assert len(shallow.blocks) == 6 and info["backbone"]["kwargs"]["depth"] == 6
+    with pytest.raises(UsageError, match="--depth applies to --random-init"):
+        backbone_for_eval("weights.pth", depth=6)
 
 
 def test_last_blocks_and_mean_patch_token(tmp_path: Path) -> None:

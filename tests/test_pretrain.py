@@ -105,6 +105,38 @@ def test_mean_patch_token_run_keeps_its_pooling(images, tmp_path):
             pretrain(config(images, run, epochs=2, **changed))
 
 
+def test_shallower_vit_run_keeps_its_depth(images, tmp_path):
+    run = tmp_path / "run"
+    pretrain(config(images, run, epochs=1, depth=2))
+    ckpt = torch.load(run / "checkpoint.pth", weights_only=True)
+    assert ckpt["dinocli.backbone"]["kwargs"]["depth"] == 2
+    assert {k.split(".")[2] for k in ckpt["teacher"] if k.startswith("backbone.blocks.")} == {"0", "1"}
+    model = dinocli.load_backbone(run / "checkpoint.pth")
+    assert len(model.blocks) == 2
+    with pytest.raises(UsageError, match="depth: 2 -> 3"):
+        pretrain(config(images, run, epochs=2, depth=3))
+    # a run saved before --depth existed was trained with the architecture's depth (0)
+    old = tmp_path / "old"
+    pretrain(config(images, old, epochs=1))
+    ckpt = torch.load(old / "checkpoint.pth", weights_only=True)
+    del ckpt["config"]["depth"]
+    torch.save(ckpt, old / "checkpoint.pth")
+    with pytest.raises(UsageError, match="depth: 0 -> 2"):
+        pretrain(config(images, old, epochs=2, depth=2))
+    with pytest.raises(UsageError, match="--depth must not be negative"):
+        config(images, tmp_path / "other", depth=-1)
+
+
+def test_architecture_depth_is_left_out_of_the_backbone_spec(images, tmp_path):
+    # depth 0 (the default) builds the architecture's 12 blocks and passes no depth to the factory,
+    # so checkpoints of earlier versions and third-party backbones see the kwargs they always saw
+    run = tmp_path / "run"
+    pretrain(config(images, run, epochs=1))
+    ckpt = torch.load(run / "checkpoint.pth", weights_only=True)
+    assert "depth" not in ckpt["dinocli.backbone"]["kwargs"]
+    assert len(dinocli.load_backbone(run / "checkpoint.pth").blocks) == 12
+
+
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(images, tmp_path, monkeypatch):
     run = tmp_path / "run"
     pretrain(config(images, run, epochs=1))

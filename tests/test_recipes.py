@@ -51,7 +51,7 @@ def test_explicit_options_override_the_recipe(small_images, tmp_path):
     )
     assert (cfg.out_dim, cfg.lr) == (777, 0.01)  # file and command line beat the recipe
     assert (cfg.arch, cfg.patch_size, cfg.momentum_teacher) == ("vit_tiny", 4, 0.95)  # from it
-    assert (cfg.collapse, cfg.patch_embed) == ("sinkhorn-knopp,koleo", "conv")
+    assert (cfg.collapse, cfg.patch_embed, cfg.depth) == ("sinkhorn-knopp,koleo", "conv", 6)
     assert not any(line.startswith(("recipe small-data: out_dim ", "recipe small-data: lr ")) for line in lines)
     assert any(line.startswith("recipe small-data: momentum_teacher = 0.95") for line in lines)
 
@@ -98,9 +98,9 @@ def test_auto_scales_prototypes_and_momentum(n_images, prototypes, momentum):
         "centering" if n_images >= 100_000 else "sinkhorn-knopp,koleo"
     )
     if n_images < 100_000:
-        assert (values["patch_embed"], values["lr"]) == ("conv", 0.0005)
-    else:  # the reference's patch projection and learning rate: auto leaves them alone
-        assert "patch_embed" not in values and "lr" not in values
+        assert (values["patch_embed"], values["lr"], values["depth"]) == ("conv", 0.0005, 6)
+    else:  # the reference's patch projection, depth and learning rate: auto leaves them alone
+        assert "patch_embed" not in values and "lr" not in values and "depth" not in values
 
 
 def test_auto_gives_every_choice_a_reason_and_picks_crops_from_image_size():

@@ -316,6 +316,19 @@ def test_avg_pool_returns_the_mean_normed_patch_token_with_the_same_keys():
             assert_rel_close(model(x), outputs[-1][:, 0])
 
 
+def test_depth_sets_the_number_of_blocks_and_keeps_the_reference_keys():
+    shallow = dinocli.create_backbone(ARCH, patch_size=8, img_size=32, depth=3)
+    assert len(shallow.blocks) == 3 and shallow.embed_dim == 192
+    assert len(dinocli.create_backbone(ARCH, patch_size=8, img_size=32).blocks) == 12
+    assert len(dinocli.create_backbone(ARCH, patch_size=8, img_size=32, depth=None).blocks) == 12
+    keys = set(shallow.state_dict())
+    assert {k.split(".")[1] for k in keys if k.startswith("blocks.")} == {"0", "1", "2"}
+    deep = set(dinocli.create_backbone(ARCH, patch_size=8, img_size=32).state_dict())
+    assert keys < deep  # the first blocks of the full network, under the same names
+    with pytest.raises(dinocli.UsageError, match="at least one block"):
+        dinocli.create_backbone(ARCH, patch_size=8, img_size=32, depth=-2)
+
+
 def test_unknown_pool_is_a_usage_error():
     with pytest.raises(dinocli.UsageError, match="unknown ViT pooling 'max'; choose one of cls, avg"):
         dinocli.create_backbone(ARCH, patch_size=8, img_size=32, pool="max")

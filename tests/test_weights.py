@@ -214,6 +214,24 @@ def test_conv_stem_vit_round_trips_through_a_file(tmp_path):
         torch.testing.assert_close(loaded(X), source(X), rtol=0, atol=0)
 
 
+def test_shallower_vit_is_read_from_the_tensors(tmp_path):
+    torch.manual_seed(0)
+    source = dinocli.create_backbone("vit_tiny", patch_size=4, img_size=32, patch_embed="conv", depth=6).eval()
+    path = tmp_path / "shallow.pth"
+    torch.save(source.state_dict(), path)  # no metadata: the width names the architecture, the blocks its depth
+    assert infer_backbone_spec(source.state_dict()) == {
+        "name": "vit_tiny", "kwargs": {"patch_size": 4, "img_size": 32, "patch_embed": "conv", "depth": 6}
+    }
+    loaded = dinocli.load_backbone(path)
+    assert len(loaded.blocks) == 6
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(X), source(X), rtol=0, atol=0)
+    odd = dinocli.create_backbone("vit_tiny", patch_size=8, img_size=32).state_dict()
+    odd["cls_token"] = torch.zeros(1, 1, 100)
+    with pytest.raises(dinocli.UsageError, match="100 wide, 12 deep"):
+        infer_backbone_spec(odd)
+
+
 # -- errors ---------------------------------------------------------------------------------------
 
 

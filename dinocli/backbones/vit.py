@@ -302,7 +302,7 @@ def _init_weights(m: nn.Module) -> None:
 
 
 def _factory(arch: str):
-    embed_dim, depth, num_heads = VIT_ARCHS[arch]
+    embed_dim, arch_depth, num_heads = VIT_ARCHS[arch]
 
     def build(
         patch_size: int = 16,
@@ -310,15 +310,18 @@ def _factory(arch: str):
         img_size: int = 224,
         patch_embed: str = "linear",
         pool: str = "cls",
+        depth: int | None = None,
         **_: Any,
     ) -> VisionTransformer:
         # The position embeddings are sized for the training crop, rounded to whole patches.
         img_size = max(patch_size, img_size - img_size % patch_size)
+        if depth is not None and depth < 1:
+            raise UsageError(f"a ViT needs at least one block, got depth {depth}")
         return VisionTransformer(
             img_size=img_size,
             patch_size=patch_size,
             embed_dim=embed_dim,
-            depth=depth,
+            depth=depth or arch_depth,
             num_heads=num_heads,
             drop_path_rate=drop_path_rate,
             patch_embed=patch_embed,

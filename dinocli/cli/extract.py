@@ -33,6 +33,10 @@ Pooling = Annotated[
     str | None,
     typer.Option("--pool", help="With --random-init: the ViT's embedding, cls (CLS token) or avg (mean patch token)."),
 ]
+Depth = Annotated[
+    int | None,
+    typer.Option("--depth", help="With --random-init: the ViT's number of blocks (default: the architecture's)."),
+]
 RawPixels = Annotated[
     bool, typer.Option("--raw-pixels", help="No network: the flattened normalised crop (a baseline).")
 ]
@@ -64,6 +68,7 @@ def extract_command(
     random_init: RandomInit = False,
     patch_embed: PatchEmbedding = None,
     pool: Pooling = None,
+    depth: Depth = None,
     raw_pixels: RawPixels = False,
     seed: Seed = 0,
     resize: Resize = 256,
@@ -100,7 +105,8 @@ def extract_command(
     )
     images = check_before_loading(data, options)
     model, info = load_model(
-        weights, checkpoint_key, arch, patch_size, random_init, raw_pixels, crop_size, seed, patch_embed, pool
+        weights, checkpoint_key, arch, patch_size, random_init, raw_pixels, crop_size, seed, patch_embed, pool,
+        depth,
     )
     start = time.perf_counter()
     feats = extract_with_progress(model, data, images=images, **options)
@@ -125,6 +131,7 @@ def load_model(
     seed: int,
     patch_embed: str | None = None,
     pool: str | None = None,
+    depth: int | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """The backbone named by the CLI options, and its description for the features file."""
     from dinocli.evaluate.extract import backbone_for_eval
@@ -140,6 +147,7 @@ def load_model(
         seed=seed,
         patch_embed=patch_embed,
         pool=pool,
+        depth=depth,
     )
 
 

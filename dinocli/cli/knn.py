@@ -17,6 +17,7 @@ from dinocli.cli.extract import (
     BatchSize,
     CheckpointKey,
     CropSize,
+    Depth,
     Device,
     Interpolation,
     NLastBlocks,
@@ -82,6 +83,7 @@ def knn_command(
     random_init: RandomInit = False,
     patch_embed: PatchEmbedding = None,
     pool: Pooling = None,
+    depth: Depth = None,
     raw_pixels: RawPixels = False,
     seed: Seed = 0,
     resize: Resize = 256,
@@ -123,7 +125,7 @@ def knn_command(
         val_images = check_before_loading(val_data, options)
         model, _ = load_model(
             weights, checkpoint_key, arch, patch_size, random_init, raw_pixels, crop_size, seed, patch_embed,
-            pool,
+            pool, depth,
         )
         train_feats = extract_with_progress(model, train_data, images=train_images, **options)
         val_feats = extract_with_progress(model, val_data, images=val_images, **options)

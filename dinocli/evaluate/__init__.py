@@ -17,6 +17,7 @@ from dinocli.evaluate.extract import (
     extract_features,
     extract_folder,
     matched_eval_size,
+    reference_resize,
 )
 from dinocli.evaluate.features_io import Features, load_features, save_features
 from dinocli.evaluate.knn import (
@@ -50,6 +51,7 @@ __all__ = [
     "load_features",
     "matched_eval_size",
     "ranked_classes",
+    "reference_resize",
     "save_features",
     "weighted_vote",
 ]

@@ -9,6 +9,7 @@ the mean patch token of the last block appended when ``avgpool_patch_tokens`` is
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -70,6 +71,12 @@ def matched_eval_size(crop_size: int, crops_scale: Sequence[float], multiple: in
         raise UsageError(f"crop scales must satisfy 0 < min <= max <= 1, got {low} {high}")
     magnification = 1 / high**0.5 if low == high else 2 * (high**0.5 - low**0.5) / (high - low)
     return max(multiple, multiple * round(crop_size * magnification / multiple))
+
+
+def reference_resize(crop_size: int) -> int:
+    """The resize before a ``crop_size`` centre crop in the reference's evaluation: 256 before 224,
+    the same ratio at other sizes (37 before 32)."""
+    return max(crop_size, math.ceil(crop_size * 256 / 224))
 
 
 def check_options(
@@ -269,19 +276,21 @@ def backbone_for_eval(
     seed: int = 0,
     patch_embed: str | None = None,
     pool: str | None = None,
+    depth: int | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The backbone to evaluate and what describes it (for the features file).
 
-    From ``weights``; or randomly initialised (``random_init``, needs ``arch``; ``patch_embed``
-    and ``pool`` pick a ViT's patch embedding and output, as in training); or no network at all
-    (``raw_pixels``: the flattened preprocessed crop, the baseline learned features must beat).
+    From ``weights``; or randomly initialised (``random_init``, needs ``arch``; ``patch_embed``,
+    ``pool`` and ``depth`` pick a ViT's patch embedding, output and blocks, as in training); or no
+    network at all (``raw_pixels``: the flattened preprocessed crop, the baseline learned features
+    must beat).
     """
     from dinocli.registry import create_backbone
     from dinocli.weights import build_backbone, infer_backbone_spec, read_backbone_weights
 
     if checkpoint_key not in ("teacher", "student"):
         raise UsageError(f"--checkpoint-key must be teacher or student, got {checkpoint_key!r}")
-    for option, value in (("--patch-embed", patch_embed), ("--pool", pool)):
+    for option, value in (("--patch-embed", patch_embed), ("--pool", pool), ("--depth", depth)):
         if value is not None and not random_init:
             raise UsageError(f"{option} applies to --random-init (a weights file names its own)")
     if raw_pixels:
@@ -300,6 +309,8 @@ def backbone_for_eval(
             kwargs["patch_embed"] = patch_embed
         if pool is not None:
             kwargs["pool"] = pool
+        if depth:
+            kwargs["depth"] = depth
         torch.manual_seed(seed)
         model = create_backbone(arch, **kwargs).eval()
         return model, {"backbone": {"name": arch, "kwargs": kwargs}, "weights": None, "seed": seed}

@@ -56,6 +56,12 @@ class PretrainConfig:
         MODEL,
         choices=("linear", "conv"),
     )
+    depth: int = _opt(
+        0,
+        "ViT depth (transformer blocks); 0 keeps the architecture's (12 for vit_tiny, vit_small "
+        "and vit_base). Other backbones ignore it.",
+        MODEL,
+    )
     pool: str = _opt(
         "cls",
         "ViT output: cls (the CLS token, the reference's) or avg (the mean patch token, global "
@@ -265,7 +271,7 @@ def validate(cfg: PretrainConfig) -> None:
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise UsageError(f"--{_flag(name)} must be positive, got {getattr(cfg, name)}")
-    for name in ("local_crops_number", "warmup_epochs", "freeze_last_layer", "saveckp_freq",
+    for name in ("depth", "local_crops_number", "warmup_epochs", "freeze_last_layer", "saveckp_freq",
                  "warmup_teacher_temp_epochs"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{_flag(name)} must not be negative, got {getattr(cfg, name)}")
@@ -306,6 +312,20 @@ def validate(cfg: PretrainConfig) -> None:
             raise unknown_name(f"value for --{_flag(name)}", getattr(cfg, name), choices)
 
 
+def backbone_kwargs(cfg: PretrainConfig) -> dict[str, Any]:
+    """What a backbone factory is given for ``cfg`` (besides ``drop_path_rate``); ``depth`` only
+    when the run asks for one (``--depth N``, N > 0)."""
+    kwargs: dict[str, Any] = {
+        "patch_size": cfg.patch_size,
+        "img_size": cfg.global_crop_size,
+        "patch_embed": cfg.patch_embed,
+        "pool": cfg.pool,
+    }
+    if cfg.depth:
+        kwargs["depth"] = cfg.depth
+    return kwargs
+
+
 def to_toml(cfg: PretrainConfig) -> str:
     """``cfg`` as a TOML document that :func:`load_toml` reads back."""
     lines = ["# dinocli pretrain configuration", ""]
@@ -328,4 +348,4 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-__all__ = ["FIELDS", "PretrainConfig", "coerce", "load_toml", "resolve_config", "to_toml", "validate"]
+__all__ = ["FIELDS", "PretrainConfig", "backbone_kwargs", "coerce", "load_toml", "resolve_config", "to_toml", "validate"]

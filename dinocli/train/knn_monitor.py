@@ -8,7 +8,6 @@ with the ImageNet statistics; k = 20, temperature 0.07, cosine similarity.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from torch import nn
 
 from dinocli.data import image_folder
 from dinocli.errors import UsageError
+from dinocli.evaluate.extract import reference_resize
 
 K = 20
 
@@ -38,7 +38,7 @@ class KnnMonitor:
     ) -> None:
         self.train, self.val, self.every, self.k = Path(train), Path(val), every, k
         self.crop_size = crop_size
-        self.resize = max(crop_size, math.ceil(crop_size * 256 / 224))
+        self.resize = reference_resize(crop_size)
         self.batch_size, self.num_workers, self.precision = batch_size, num_workers, precision
         self.n_train = self._check(self.train, "--knn-train", minimum=k)
         self.n_val = self._check(self.val, "--knn-val", minimum=1)

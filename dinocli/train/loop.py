@@ -44,7 +44,7 @@ from dinocli.train.checkpoint import (
     set_rng_state,
 )
 from dinocli.strategies.combine import build_collapse_strategy
-from dinocli.train.config import PretrainConfig, to_toml
+from dinocli.train.config import PretrainConfig, backbone_kwargs, to_toml
 from dinocli.train.diagnostics import CollapseDetector, batch_diagnostics
 from dinocli.train.knn_monitor import KnnMonitor
 from dinocli.train.loss import multicrop_cross_entropy
@@ -59,8 +59,8 @@ STUDENT_TEMP = 0.1
 
 #: Options that fix the shape of what a checkpoint holds: a resumed run must keep them.
 STRUCTURAL = (
-    "arch", "patch_size", "patch_embed", "pool", "out_dim", "norm_last_layer", "use_bn_in_head", "collapse",
-    "augmentation", "local_crops_number", "global_crop_size", "optimizer",
+    "arch", "patch_size", "patch_embed", "pool", "depth", "out_dim", "norm_last_layer", "use_bn_in_head",
+    "collapse", "augmentation", "local_crops_number", "global_crop_size", "optimizer",
 )
 
 
@@ -126,15 +126,7 @@ class Trainer:
         self.n_crops = self.n_global + self.augmentation.n_local
 
         torch.manual_seed(cfg.seed)
-        self.spec = {
-            "name": cfg.arch,
-            "kwargs": {
-                "patch_size": cfg.patch_size,
-                "img_size": cfg.global_crop_size,
-                "patch_embed": cfg.patch_embed,
-                "pool": cfg.pool,
-            },
-        }
+        self.spec = {"name": cfg.arch, "kwargs": backbone_kwargs(cfg)}
         student_backbone = create_backbone(
             cfg.arch, drop_path_rate=cfg.drop_path_rate, **self.spec["kwargs"]
         )
@@ -269,9 +261,11 @@ class Trainer:
             return False
         ckpt = load_checkpoint(path)
         saved = ckpt.get("config", {})
-        changed = [k for k in STRUCTURAL if k in saved and _plain(saved[k]) != _plain(getattr(self.cfg, k))]
+        # an option that did not exist when the run was saved had its default's effect
+        before = {**PretrainConfig().to_dict(), **saved} if saved else {}
+        changed = [k for k in STRUCTURAL if k in before and _plain(before[k]) != _plain(getattr(self.cfg, k))]
         if changed:
-            details = ", ".join(f"{k}: {saved[k]!r} -> {getattr(self.cfg, k)!r}" for k in changed)
+            details = ", ".join(f"{k}: {before[k]!r} -> {getattr(self.cfg, k)!r}" for k in changed)
             raise UsageError(
                 f"{path} was trained with other settings ({details}); use another --output "
                 "or --init-from to start a new run from its weights"
