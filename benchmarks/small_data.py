@@ -14,11 +14,11 @@ cifar10_sub) and at the size matched to the trained recipes' global crops
 as large as in training), and the reference's evaluation transform at the data set's size (resize
 by 256/224, centre crop: 37/32, as ``dino pretrain --knn-every`` and ``--curve`` measure). Every
 row is measured in every way, whatever crop size a recipe trains on. A recipe that resolves to
-the same configuration as one before it (``auto`` may choose exactly what ``small-data`` sets) is not trained again: its row says so and
-repeats that result. The same network at random initialisation and raw pixels are measured in the
-same run. ``reference`` gets the sizes the reference recipe needs for 32-px images (ViT-Tiny/4,
-32/16-px crops, 6 local crops, 4096 prototypes), as in the recipes issue. Prints one table and the
-machine.
+the same configuration as one before it (``auto`` may choose exactly what ``small-data`` sets) is
+not trained again: its row says so and repeats that result. The same network at random
+initialisation and raw pixels are measured in the same run. ``reference`` gets the sizes the
+reference recipe needs for 32-px images (ViT-Tiny/4 of 12 blocks, 32/16-px crops, 6 local crops,
+4096 prototypes), as in the recipes issue. Prints one table and the machine.
 
 ``--curve`` also measures the k-NN after every epoch (as ``dino pretrain --knn-every 1`` does:
 37-px resize, 32-px centre crop) and prints each recipe's curve against its training minutes; the
