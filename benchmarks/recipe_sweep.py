@@ -49,7 +49,6 @@ def train_one(run: dict, plan: dict, args: argparse.Namespace) -> dict:
     import dinocli
     from dinocli.evaluate import backbone_for_eval
     from dinocli.train import pretrain, resolve_config
-    from dinocli.train.config import backbone_kwargs
 
     folder = args.output / run["name"].replace(" ", "_").replace("/", "_")
     options = {"recipe": plan.get("recipe", "small-data"), "data": str(args.data / "train"),
@@ -59,10 +58,9 @@ def train_one(run: dict, plan: dict, args: argparse.Namespace) -> dict:
                **run.get("set", {}), **run.get("random_init", {})}
     if "random_init" in run:
         cfg = resolve_config(overrides=options)
-        kwargs = backbone_kwargs(cfg)
-        model, _ = backbone_for_eval(random_init=True, arch=cfg.arch, patch_size=kwargs.pop("patch_size"),
-                                     img_size=kwargs.pop("img_size"), patch_embed=kwargs.get("patch_embed"),
-                                     pool=kwargs.get("pool"), depth=kwargs.get("depth"), seed=cfg.seed)
+        model, _ = backbone_for_eval(random_init=True, arch=cfg.arch, patch_size=cfg.patch_size,
+                                     img_size=cfg.global_crop_size, patch_embed=cfg.patch_embed, pool=cfg.pool,
+                                     depth=cfg.depth or None, seed=cfg.seed)
         return {"name": run["name"], **{view_label(v): knn_top1(model.to(args.device), args.data, v) for v in VIEWS}}
     every = max(1, options["epochs"] // 4)
     cfg = resolve_config(overrides={**options, "knn_every": every, "knn_train": str(args.data / "train"),

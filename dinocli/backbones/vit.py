@@ -321,7 +321,7 @@ def _factory(arch: str):
             img_size=img_size,
             patch_size=patch_size,
             embed_dim=embed_dim,
-            depth=depth or arch_depth,
+            depth=arch_depth if depth is None else depth,
             num_heads=num_heads,
             drop_path_rate=drop_path_rate,
             patch_embed=patch_embed,
