@@ -28,7 +28,7 @@ from PIL import Image, ImageFilter, ImageOps
 
 import dinocli
 from dinocli.data import find_images, open_rgb
-from dinocli.datasets import MultiCropDataset
+from dinocli.data.multicrop_dataset import MultiCropDataset
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "imagenette224_sub"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

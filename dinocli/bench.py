@@ -92,7 +92,7 @@ def worker_rate(dataset, count: int, limit_s: float = 10.0) -> float:
 
 def loader_rate(dataset, num_workers: int, batch_size: int, count: int) -> float:
     """Images/s through a ``DataLoader`` with ``num_workers`` workers (after its first batch)."""
-    from dinocli.datasets import collate_multicrop
+    from dinocli.data.multicrop_dataset import collate_multicrop
 
     indices = [i % len(dataset) for i in range(count + batch_size)]
     loader = DataLoader(
@@ -144,7 +144,7 @@ def run_bench(
     local_crops_number: int = 8,
 ) -> BenchResult:
     """Measure the four rates on the images under ``data`` and say what limits training."""
-    from dinocli.datasets import MultiCropDataset, collate_multicrop
+    from dinocli.data.multicrop_dataset import MultiCropDataset, collate_multicrop
     from dinocli.distributed import ProcessGroup
     from dinocli.runtime import resolve_device, resolve_precision
     from dinocli.train.config import resolve_config

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from dinocli.data import image_folder, open_rgb
-from dinocli.demo_data import demo_dataset
+from dinocli.data.demo_set import demo_dataset
 from dinocli.registry import create_backbone
 from dinocli.train import PretrainResult, pretrain, resolve_config
 from dinocli.train.config import backbone_kwargs
@@ -95,13 +95,13 @@ def run_demo(
 
     index = None
     if attention_images > 0 and getattr(trained, "supports_attention", False):
-        from dinocli.visualize.report import write_attention_report
+        from dinocli.visualize.attention_pages import write_attention_pages
 
         paths, labels, classes = image_folder(data / "val")
         picks = [
             (classes[c], open_rgb(paths[labels.index(c)])) for c in sorted(set(labels))
         ][:attention_images]
-        report = write_attention_report(
+        report = write_attention_pages(
             trained, picks, output / "attention", image_size=(size * 4, size * 4),
             threshold=0.6, title="dinocli demo: last-block attention of the pretrained teacher",
         )

@@ -118,10 +118,10 @@ def test_mean_patch_token_vit_shows_the_patch_queries_averaged(tmp_path):
     torch.testing.assert_close(m, want, rtol=1e-4, atol=1e-6)
     assert (m - expected[:, 0, 1:].reshape(3, 4, 6).float()).abs().max() > 1e-3  # not the CLS row
 
-    from dinocli.visualize import write_attention_report
+    from dinocli.visualize import write_attention_pages
 
     photo = blob_image(48, 32, 1)
-    report = write_attention_report(model, [("blob", photo)], tmp_path / "out", image_size=(32, 48))
+    report = write_attention_pages(model, [("blob", photo)], tmp_path / "out", image_size=(32, 48))
     (shown,) = attention_maps(model, [preprocess(photo, (32, 48), 8)[0]])
     with safe_open(str(report.images[0].files["attention"]), framework="pt") as f:
         assert f.metadata()["description"].startswith("mean patch-to-patch attention")
@@ -436,11 +436,11 @@ def test_real_photo_end_to_end(cli, weights, tmp_path):
 
 
 def test_python_api_report_from_pil_images(weights, tmp_path):
-    from dinocli.visualize import write_attention_report
+    from dinocli.visualize import write_attention_pages
 
     _, model = weights
     seen = []
-    report = write_attention_report(
+    report = write_attention_pages(
         model,
         [("a/b", blob_image(40, 40, 5)), ("a/b", blob_image(40, 40, 6))],
         tmp_path / "out",

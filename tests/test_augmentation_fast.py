@@ -14,7 +14,7 @@ from PIL import Image
 import dinocli
 from dinocli.augmentations.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from dinocli.data import load_rgb, open_rgb
-from dinocli.datasets import MultiCropDataset
+from dinocli.data.multicrop_dataset import MultiCropDataset
 
 from conftest import make_rgb_image
 

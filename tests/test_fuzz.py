@@ -3,7 +3,7 @@ their documented errors, whatever the bytes.
 
 - configuration (TOML files, command-line overrides): :class:`dinocli.errors.UsageError` or a config;
 - images: ``open_rgb`` gives an RGB image or one of the decode errors below; the training data set
-  skips the file (``on_bad_image="skip"``) or raises :class:`dinocli.datasets.BadImageError`;
+  skips the file (``on_bad_image="skip"``) or raises :class:`dinocli.data.multicrop_dataset.BadImageError`;
 - weights files: :class:`dinocli.errors.DinoError` (``UsageError`` for unreadable files).
 """
 
@@ -25,7 +25,7 @@ from PIL import Image
 
 import broken_files as bf
 from dinocli.data import open_rgb
-from dinocli.datasets import BadImageError, MultiCropDataset
+from dinocli.data.multicrop_dataset import BadImageError, MultiCropDataset
 from dinocli.errors import DinoError, UsageError
 from dinocli.registry import create_augmentation
 from dinocli.train.config import FIELDS, PretrainConfig, resolve_config

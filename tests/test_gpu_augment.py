@@ -14,7 +14,7 @@ import dinocli
 from dinocli.augmentations import gpu
 from dinocli.augmentations.gpu import ColourParams
 from dinocli.augmentations.params import ColorJitterParams, ViewParams
-from dinocli.datasets import DeferredCrops, MultiCropDataset, collate_multicrop
+from dinocli.data.multicrop_dataset import DeferredCrops, MultiCropDataset, collate_multicrop
 from dinocli.errors import UsageError
 
 from conftest import make_rgb_image

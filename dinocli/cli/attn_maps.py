@@ -60,11 +60,11 @@ def attn_maps_command(
     device: Device = "auto",
 ) -> None:
     """Show what each attention head of a ViT looks at: maps, masks, overlays and an index page."""
-    from dinocli.visualize import load_attention_backbone, resolve_size, write_attention_report
-    from dinocli.visualize.report import check_report_options
+    from dinocli.visualize import load_attention_backbone, resolve_size, write_attention_pages
+    from dinocli.visualize.attention_pages import check_page_options
 
     size = resolve_size(parse_image_size(image_size), keep_aspect)
-    check_report_options(colormap, upsample_mode, threshold, batch_size)
+    check_page_options(colormap, upsample_mode, threshold, batch_size)
     chosen_heads = parse_heads(heads) if heads is not None else None
     paths = collect_images(images)
     model = load_attention_backbone(weights, arch, patch_size, checkpoint_key)
@@ -84,7 +84,7 @@ def attn_maps_command(
         transient=True,
     ) as progress:
         task = progress.add_task("images", total=len(paths))
-        report = write_attention_report(
+        report = write_attention_pages(
             model,
             paths,
             output,

@@ -232,7 +232,7 @@ class Trainer:
             load_state_dict_strict(self.student.head, weights.head, what="the DINO head")
 
     def _loader(self) -> DataLoader:
-        from dinocli.datasets import MultiCropDataset, collate_multicrop
+        from dinocli.data.multicrop_dataset import MultiCropDataset, collate_multicrop
 
         self.dataset = MultiCropDataset(
             self.paths, self.augmentation, seed=self.cfg.seed, on_bad_image=self.cfg.on_bad_image,

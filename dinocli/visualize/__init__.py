@@ -2,10 +2,10 @@
 
 Python API (also used by ``dino demo``)::
 
-    from dinocli.visualize import attention_maps, load_attention_backbone, write_attention_report
+    from dinocli.visualize import attention_maps, load_attention_backbone, write_attention_pages
     model = load_attention_backbone("run/checkpoint.pth")
     maps = attention_maps(model, [tensor])          # [heads, h, w] per normalised image
-    write_attention_report(model, ["cat.jpg"], "out", threshold=0.6)
+    write_attention_pages(model, ["cat.jpg"], "out", threshold=0.6)
 """
 
 from __future__ import annotations
@@ -27,20 +27,20 @@ from dinocli.visualize.attention import (
     upsample,
 )
 from dinocli.visualize.colormaps import COLORMAPS, apply_colormap, lookup_table
-from dinocli.visualize.report import (
-    AttentionReport,
-    ImageReport,
-    write_attention_report,
-    write_image_report,
+from dinocli.visualize.attention_pages import (
+    AttentionPages,
+    ImagePage,
+    write_attention_pages,
+    write_image_page,
 )
 
 __all__ = [
     "COLORMAPS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "AttentionReport",
+    "AttentionPages",
     "ImageAttention",
-    "ImageReport",
+    "ImagePage",
     "apply_colormap",
     "attention_mask",
     "attention_maps",
@@ -54,6 +54,6 @@ __all__ = [
     "resolve_size",
     "select_heads",
     "upsample",
-    "write_attention_report",
-    "write_image_report",
+    "write_attention_pages",
+    "write_image_page",
 ]

@@ -30,7 +30,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dinocli.augmentations.gpu import ColourParams, colour_batch
-from dinocli.data import load_rgb, open_rgb
+from dinocli.data.images import load_rgb, open_rgb
 from dinocli.errors import DinoError, UsageError
 from dinocli.interfaces import Augmentation
 

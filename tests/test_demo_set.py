@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dinocli import demo_data
+from dinocli.data import demo_set as demo_data
 from dinocli.data import image_folder, open_rgb
-from dinocli.demo_data import CLASSES, demo_dataset, demo_image
+from dinocli.data.demo_set import CLASSES, demo_dataset, demo_image
 from dinocli.errors import DinoError
 
 

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 import dinocli
 from dinocli.data import find_images, open_rgb
-from dinocli.datasets import BadImageError, MultiCropBatch, MultiCropDataset, collate_multicrop, sample_seed
+from dinocli.data.multicrop_dataset import BadImageError, MultiCropBatch, MultiCropDataset, collate_multicrop, sample_seed
 from dinocli.errors import UsageError
 
 from conftest import make_rgb_image
@@ -130,7 +130,7 @@ def test_bad_arguments(paths, aug):
 
 
 def test_works_on_the_demo_data_tree(tmp_path, aug):
-    from dinocli.demo_data import demo_dataset
+    from dinocli.data.demo_set import demo_dataset
 
     root = demo_dataset(tmp_path, train_per_class=1, val_per_class=1)
     ds = MultiCropDataset(find_images(root / "train"), aug)

@@ -1,4 +1,4 @@
-"""Attention reports: per-image PNGs, masks, overlays, a contact sheet and raw maps, plus an index page.
+"""Attention pages: per-image PNGs, masks, overlays, a contact sheet and raw maps, plus an index page.
 
 Layout under the output folder::
 
@@ -45,7 +45,7 @@ ImageSource = str | Path | tuple[str, Image.Image]
 
 
 @dataclass
-class ImageReport:
+class ImagePage:
     """What was written for one image."""
 
     name: str
@@ -56,12 +56,12 @@ class ImageReport:
 
 
 @dataclass
-class AttentionReport:
-    """What :func:`write_attention_report` wrote."""
+class AttentionPages:
+    """What :func:`write_attention_pages` wrote."""
 
     output: Path
     index: Path
-    images: list[ImageReport]
+    images: list[ImagePage]
 
 
 def threshold_tag(threshold: float) -> str:
@@ -69,14 +69,14 @@ def threshold_tag(threshold: float) -> str:
     return f"{threshold:g}"
 
 
-def write_image_report(
+def write_image_page(
     result: ImageAttention,
     folder: str | Path,
     threshold: float | None = None,
     colormap: str = "viridis",
     upsample_mode: str = "nearest",
     tile_size: int = 224,
-) -> ImageReport:
+) -> ImagePage:
     """Write one image's pictures and raw maps into ``folder`` (see the module docstring)."""
     lookup_table(colormap)  # an unknown colour map fails before anything is written
     folder = Path(folder)
@@ -86,8 +86,8 @@ def write_image_report(
     H, W = photo.shape[:2]
     if maps.shape[1] * p != H or maps.shape[2] * p != W:
         raise ValueError(f"maps {list(maps.shape)} at patch {p} do not cover a {W}x{H} photo")
-    report = ImageReport(result.name, folder, (H, W), list(result.heads))
-    files = report.files
+    page = ImagePage(result.name, folder, (H, W), list(result.heads))
+    files = page.files
     files["image"] = write_png(folder / "image.png", photo)
 
     large = upsample(maps, p, upsample_mode).numpy()
@@ -131,10 +131,10 @@ def write_image_report(
     atomic_write_bytes(
         files["attention"], safetensors_bytes({"attention": maps.contiguous()}, metadata=metadata)
     )
-    return report
+    return page
 
 
-def write_attention_report(
+def write_attention_pages(
     model: nn.Module,
     images: Sequence[ImageSource],
     output: str | Path,
@@ -146,8 +146,8 @@ def write_attention_report(
     upsample_mode: str = "nearest",
     batch_size: int = 4,
     title: str = "DINO self-attention maps",
-    on_image: Callable[[ImageReport], None] | None = None,
-) -> AttentionReport:
+    on_image: Callable[[ImagePage], None] | None = None,
+) -> AttentionPages:
     """Attention pictures of every image under ``output`` and an ``index.html`` showing them all.
 
     ``images`` are file paths or ``(name, PIL image)`` pairs. ``image_size`` as torchvision's
@@ -155,7 +155,7 @@ def write_attention_report(
     called after each image (e.g. to advance a progress bar).
     """
     require_attention(model)
-    check_report_options(colormap, upsample_mode, threshold, batch_size)
+    check_page_options(colormap, upsample_mode, threshold, batch_size)
     num_heads = getattr(model, "num_heads", None)
     if heads is not None and isinstance(num_heads, int):
         select_heads(num_heads, heads)
@@ -166,7 +166,7 @@ def write_attention_report(
         raise UsageError(f"--output {output} exists and is not a folder")
     names = unique_names([_source_name(s) for s in images])
     patch = int(model.patch_size)
-    reports: list[ImageReport] = []
+    pages: list[ImagePage] = []
     for start in range(0, len(images), batch_size):
         chunk = list(zip(names[start : start + batch_size], images[start : start + batch_size]))
         prepared = [preprocess(_open(source), image_size, patch) for _, source in chunk]
@@ -174,12 +174,12 @@ def write_attention_report(
         for (name, _), (_, photo), m in zip(chunk, prepared, maps):
             shown = list(dict.fromkeys(heads)) if heads is not None else list(range(m.shape[0]))
             result = ImageAttention(name, photo, m, shown, patch, attention_query(model))
-            report = write_image_report(
+            page = write_image_page(
                 result, output / name, threshold, colormap, upsample_mode
             )
-            reports.append(report)
+            pages.append(page)
             if on_image is not None:
-                on_image(report)
+                on_image(page)
     index = output / "index.html"
     entries = [
         IndexEntry(
@@ -187,16 +187,16 @@ def write_attention_report(
             f"{r.name}/grid.png",
             f"{r.size[1]}x{r.size[0]} px, heads {', '.join(map(str, r.heads))}",
         )
-        for r in reports
+        for r in pages
     ]
     details = f"Last-block {attention_query(model)} attention, patch size {patch}, colour map {colormap}"
     if threshold is not None:
         details += f"; masks hold at least {threshold:.0%} of each head's attention mass"
     write_index_html(index, title, entries, details + ".")
-    return AttentionReport(output, index, reports)
+    return AttentionPages(output, index, pages)
 
 
-def check_report_options(
+def check_page_options(
     colormap: str = "viridis",
     upsample_mode: str = "nearest",
     threshold: float | None = None,

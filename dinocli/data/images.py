@@ -14,7 +14,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", 
 def resolve_data(data: str | Path) -> Path:
     """The image folder ``--data`` names: ``demo`` is the built-in data set's training split."""
     if str(data) == "demo":
-        from dinocli.demo_data import demo_dataset
+        from dinocli.data.demo_set import demo_dataset
 
         return demo_dataset() / "train"
     return Path(data)
