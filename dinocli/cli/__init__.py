@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from dinocli.cli import plugins, pretrain  # noqa: F401  (each module adds its command)
-from dinocli.cli import attn_maps  # noqa: F401
-from dinocli.cli import extract, knn  # noqa: F401
-from dinocli.cli import demo, export  # noqa: F401
-from dinocli.cli import report  # noqa: F401
-from dinocli.cli import bench  # noqa: F401
+# Each module adds its command; the order here is the order of the panels and commands in --help.
+from dinocli.cli import demo, pretrain, bench, report  # noqa: F401, I001  (Train)
+from dinocli.cli import extract, knn  # noqa: F401  (Evaluate)
+from dinocli.cli import attn_maps, plugins  # noqa: F401  (Inspect)
+from dinocli.cli import export  # noqa: F401  (Models)
 from dinocli.cli.app import app
 
 

@@ -13,9 +13,22 @@ import typer
 
 from dinocli.errors import DinoError
 
+def examples_epilog(*lines: str) -> str:
+    """A help epilog of example command lines, one per line as rich prints it."""
+    body = "\n".join(f"  [bold]$[/bold] {line}" for line in lines)
+    return f"[bold]Examples[/bold]\n\n{body}"
+
+
 app = typer.Typer(
     name="dino",
     help="DINO self-supervised learning of vision transformers.",
+    epilog=examples_epilog(
+        "dino demo",
+        "dino pretrain --data ~/images --output runs/vits16 --epochs 100",
+        "dino knn --weights runs/vits16/checkpoint.pth --train-data DIR/train --val-data DIR/val",
+        "dino attn-maps --weights runs/vits16/checkpoint.pth photo.jpg --output attn",
+        "dino export --weights runs/vits16/checkpoint.pth --output vits16.safetensors",
+    ),
     context_settings={"help_option_names": ["-h", "--help"]},
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
@@ -52,12 +65,15 @@ def fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-def command(**kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def command(*, examples: tuple[str, ...] = (), **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """``app.command`` that turns errors into one line on stderr and an exit code.
 
     :class:`DinoError` exits with its own code (2 for bad input, 1 for runtime failures); any
     other exception exits with 1; Ctrl-C exits with 130. ``--debug`` shows the traceback.
+    ``examples`` are command lines shown at the end of the command's ``--help``.
     """
+    if examples:
+        kwargs.setdefault("epilog", examples_epilog(*examples))
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)

@@ -14,7 +14,15 @@ from dinocli.data import find_images
 from dinocli.errors import UsageError
 
 
-@command(name="attn-maps", rich_help_panel="Inspect")
+@command(
+    name="attn-maps",
+    rich_help_panel="Inspect",
+    short_help="What each attention head of a ViT looks at: maps, masks, overlays, an index page.",
+    examples=(
+        "dino attn-maps --weights runs/vits16/checkpoint.pth photo.jpg --output attn",
+        "dino attn-maps --weights vits16.safetensors photos/ --threshold 0.6 --output attn",
+    ),
+)
 def attn_maps_command(
     images: Annotated[
         list[Path],

@@ -11,7 +11,12 @@ import typer
 from dinocli.cli.app import command
 
 
-@command(name="bench", rich_help_panel="Train")
+@command(
+    name="bench",
+    rich_help_panel="Train",
+    short_help="What limits training on this machine: decoding, augmentation or the model.",
+    examples=("dino bench --data ~/images", "dino bench --data ~/images --arch vit_small --device cuda"),
+)
 def bench_command(
     data: Annotated[Path, typer.Option("--data", help="Folder of training images (searched recursively).")],
     arch: Annotated[str, typer.Option("--arch", help="Backbone to time (see `dino plugins`).")] = "vit_small",

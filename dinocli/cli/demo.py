@@ -10,7 +10,12 @@ import typer
 from dinocli.cli.app import command
 
 
-@command(name="demo", rich_help_panel="Train")
+@command(
+    name="demo",
+    rich_help_panel="Train",
+    short_help="The whole pipeline on built-in data, in a few minutes on a CPU.",
+    examples=("dino demo", "dino demo --output dino-demo --epochs 8"),
+)
 def demo_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the demo's files.")] = Path(
         "dino-demo"

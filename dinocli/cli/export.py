@@ -11,7 +11,15 @@ from dinocli.cli.app import command
 from dinocli.cli.options import Arch, CheckpointKey, PatchSize
 
 
-@command(name="export", rich_help_panel="Models")
+@command(
+    name="export",
+    rich_help_panel="Models",
+    short_help="A backbone as a file to ship, checked against PyTorch before it is written.",
+    examples=(
+        "dino export --weights runs/vits16/checkpoint.pth --output vits16.safetensors",
+        "dino export --weights runs/vits16/checkpoint.pth --format onnx --output vits16.onnx",
+    ),
+)
 def export_command(
     weights: Annotated[
         Path,

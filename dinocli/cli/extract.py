@@ -19,45 +19,94 @@ PANEL = "Evaluate"
 # Options shared with ``dino knn``'s one-step form.
 Weights = Annotated[
     Path | None,
-    typer.Option("--weights", "-w", help="Checkpoint or exported backbone (anything load_backbone reads)."),
+    typer.Option(
+        "--weights",
+        "-w",
+        help="Checkpoint or exported backbone (anything load_backbone reads).",
+        rich_help_panel="Model",
+    ),
 ]
 RandomInit = Annotated[
-    bool, typer.Option("--random-init", help="Evaluate a randomly initialised --arch (a baseline).")
+    bool,
+    typer.Option("--random-init", help="Evaluate a randomly initialised --arch (a baseline).", rich_help_panel="Model"),
 ]
-Seed = Annotated[int, typer.Option("--seed", help="Seed of --random-init.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed of --random-init.", rich_help_panel="Model")]
 PatchEmbedding = Annotated[
     str | None,
-    typer.Option("--patch-embed", help="With --random-init: the ViT's patch embedding, linear or conv."),
+    typer.Option(
+        "--patch-embed", help="With --random-init: the ViT's patch embedding, linear or conv.", rich_help_panel="Model"
+    ),
 ]
 Pooling = Annotated[
     str | None,
-    typer.Option("--pool", help="With --random-init: the ViT's embedding, cls (CLS token) or avg (mean patch token)."),
+    typer.Option(
+        "--pool",
+        help="With --random-init: the ViT's embedding, cls (CLS token) or avg (mean patch token).",
+        rich_help_panel="Model",
+    ),
 ]
 Depth = Annotated[
     int | None,
-    typer.Option("--depth", help="With --random-init: the ViT's number of blocks (default: the architecture's)."),
+    typer.Option(
+        "--depth",
+        help="With --random-init: the ViT's number of blocks (default: the architecture's).",
+        rich_help_panel="Model",
+    ),
 ]
 RawPixels = Annotated[
-    bool, typer.Option("--raw-pixels", help="No network: the flattened normalised crop (a baseline).")
+    bool,
+    typer.Option(
+        "--raw-pixels", help="No network: the flattened normalised crop (a baseline).", rich_help_panel="Model"
+    ),
 ]
-Resize = Annotated[int, typer.Option("--resize", help="Resize the shorter side to this many pixels.")]
-CropSize = Annotated[int, typer.Option("--crop-size", help="Center crop of this size.")]
+Resize = Annotated[
+    int, typer.Option("--resize", help="Resize the shorter side to this many pixels.", rich_help_panel="Preprocessing")
+]
+CropSize = Annotated[
+    int, typer.Option("--crop-size", help="Center crop of this size.", rich_help_panel="Preprocessing")
+]
 Interpolation = Annotated[
-    str, typer.Option("--interpolation", help="Resize filter: bicubic, bilinear, nearest or lanczos.")
+    str,
+    typer.Option(
+        "--interpolation", help="Resize filter: bicubic, bilinear, nearest or lanczos.", rich_help_panel="Preprocessing"
+    ),
 ]
 NLastBlocks = Annotated[
-    int, typer.Option("--n-last-blocks", help="Concatenate the CLS tokens of the last K blocks (ViT).")
+    int,
+    typer.Option(
+        "--n-last-blocks", help="Concatenate the CLS tokens of the last K blocks (ViT).", rich_help_panel="Features"
+    ),
 ]
 AvgPool = Annotated[
-    bool, typer.Option("--avgpool-patch-tokens", help="Append the mean patch token of the last block (ViT).")
+    bool,
+    typer.Option(
+        "--avgpool-patch-tokens",
+        help="Append the mean patch token of the last block (ViT).",
+        rich_help_panel="Features",
+    ),
 ]
-BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")]
+BatchSize = Annotated[
+    int, typer.Option("--batch-size", "-b", help="Images per forward pass.", rich_help_panel="Performance")
+]
 NumWorkers = Annotated[
-    int | None, typer.Option("--num-workers", help="Image-decoding processes \\[default: cores - 1, at most 8].")
+    int | None,
+    typer.Option(
+        "--num-workers",
+        help="Image-decoding processes \\[default: cores - 1, at most 8].",
+        rich_help_panel="Performance",
+    ),
 ]
 
 
-@command(name="extract", rich_help_panel=PANEL)
+@command(
+    name="extract",
+    rich_help_panel=PANEL,
+    short_help="Frozen features of a labelled image folder, as a safetensors file.",
+    examples=(
+        "dino extract --weights runs/vits16/checkpoint.pth --data DIR/train --output train.safetensors",
+        "dino extract --random-init --arch vit_small --data DIR/val --output val-random.safetensors",
+    ),
+)
 def extract_command(
     data: Annotated[Path, typer.Option("--data", "-d", help="Image folder: <class>/<image> or any tree.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Features file to write (.safetensors).")],
@@ -76,7 +125,9 @@ def extract_command(
     interpolation: Interpolation = "bicubic",
     n_last_blocks: NLastBlocks = 1,
     avgpool_patch_tokens: AvgPool = False,
-    dtype: Annotated[str, typer.Option("--dtype", help="Stored dtype: float32 or float16.")] = "float32",
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="Stored dtype: float32 or float16.", rich_help_panel="Features")
+    ] = "float32",
     batch_size: BatchSize = 64,
     num_workers: NumWorkers = None,
     precision: Precision = "auto",
@@ -105,7 +156,16 @@ def extract_command(
     )
     images = check_before_loading(data, options)
     model, info = load_model(
-        weights, checkpoint_key, arch, patch_size, random_init, raw_pixels, crop_size, seed, patch_embed, pool,
+        weights,
+        checkpoint_key,
+        arch,
+        patch_size,
+        random_init,
+        raw_pixels,
+        crop_size,
+        seed,
+        patch_embed,
+        pool,
         depth,
     )
     start = time.perf_counter()
@@ -158,7 +218,10 @@ def check_before_loading(data: Path, options: dict[str, Any]) -> tuple[list[Path
     from dinocli.runtime import resolve_device, resolve_precision
 
     check_options(
-        options["resize"], options["crop_size"], options["interpolation"], options["batch_size"],
+        options["resize"],
+        options["crop_size"],
+        options["interpolation"],
+        options["batch_size"],
         options["num_workers"] or 0,
     )
     resolve_precision(options["precision"], resolve_device(options["device"]))

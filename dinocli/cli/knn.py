@@ -38,7 +38,15 @@ from dinocli.cli.extract import (
 from dinocli.errors import UsageError
 
 
-@command(name="knn", rich_help_panel=PANEL)
+@command(
+    name="knn",
+    rich_help_panel=PANEL,
+    short_help="Weighted k-NN accuracy of frozen features (the paper's k-NN), with FAISS.",
+    examples=(
+        "dino knn --train train.safetensors --val val.safetensors",
+        "dino knn --weights runs/vits16/checkpoint.pth --train-data DIR/train --val-data DIR/val -k 20",
+    ),
+)
 def knn_command(
     train: Annotated[Path | None, typer.Option("--train", help="Train features (from 'dino extract').")] = None,
     val: Annotated[Path | None, typer.Option("--val", help="Val features (from 'dino extract').")] = None,
@@ -46,30 +54,11 @@ def knn_command(
         list[int] | None, typer.Option("-k", "--k", help="Neighbours; repeat for several \\[default: 10 20 100 200].")
     ] = None,
     temperature: Annotated[
-        list[float] | None, typer.Option("--temperature", "-t", help="Vote temperature T; repeatable \\[default: 0.07].")
+        list[float] | None,
+        typer.Option("--temperature", "-t", help="Vote temperature T; repeatable \\[default: 0.07]."),
     ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
     per_class: Annotated[bool, typer.Option("--per-class", help="Add per-class top-1 accuracy.")] = False,
-    index: Annotated[str, typer.Option("--index", help="flat (exact), ivf or hnsw (approximate).")] = "flat",
-    nlist: Annotated[int | None, typer.Option("--nlist", help="ivf: clusters \\[default: sqrt(N) / 2].")] = None,
-    nprobe: Annotated[
-        int | None,
-        typer.Option(
-            "--nprobe",
-            help="ivf: clusters searched per query \\[default: calibrated on the recall sample: from nlist/8, "
-            "x1.25 a step, until recall@20 >= 0.95; more candidates re-scored exactly first if that needs it].",
-        ),
-    ] = None,
-    hnsw_m: Annotated[int, typer.Option("--hnsw-m", help="hnsw: neighbours per graph node.")] = 32,
-    ef_search: Annotated[int, typer.Option("--ef-search", help="hnsw: search breadth (at least k).")] = 128,
-    ef_construction: Annotated[int, typer.Option("--ef-construction", help="hnsw: build breadth.")] = 200,
-    recall_sample: Annotated[
-        int, typer.Option("--recall-sample", help="Val features on which an approximate index's recall is measured.")
-    ] = 256,
-    query_batch_size: Annotated[
-        int, typer.Option("--query-batch-size", help="Val features searched at once (bounds memory).")
-    ] = 4096,
-    device: Device = "auto",
     weights: Weights = None,
     train_data: Annotated[
         Path | None, typer.Option("--train-data", help="One-step form: train image folder to extract first.")
@@ -94,6 +83,45 @@ def knn_command(
     batch_size: BatchSize = 64,
     num_workers: NumWorkers = None,
     precision: Precision = "auto",
+    device: Device = "auto",
+    index: Annotated[
+        str, typer.Option("--index", help="flat (exact), ivf or hnsw (approximate).", rich_help_panel="Index")
+    ] = "flat",
+    nlist: Annotated[
+        int | None, typer.Option("--nlist", help="ivf: clusters \\[default: sqrt(N) / 2].", rich_help_panel="Index")
+    ] = None,
+    nprobe: Annotated[
+        int | None,
+        typer.Option(
+            "--nprobe",
+            help="ivf: clusters searched per query \\[default: calibrated on the recall sample: from nlist/8, "
+            "x1.25 a step, until recall@20 >= 0.95; more candidates re-scored exactly first if that needs it].",
+            rich_help_panel="Index",
+        ),
+    ] = None,
+    hnsw_m: Annotated[
+        int, typer.Option("--hnsw-m", help="hnsw: neighbours per graph node.", rich_help_panel="Index")
+    ] = 32,
+    ef_search: Annotated[
+        int, typer.Option("--ef-search", help="hnsw: search breadth (at least k).", rich_help_panel="Index")
+    ] = 128,
+    ef_construction: Annotated[
+        int, typer.Option("--ef-construction", help="hnsw: build breadth.", rich_help_panel="Index")
+    ] = 200,
+    recall_sample: Annotated[
+        int,
+        typer.Option(
+            "--recall-sample",
+            help="Val features on which an approximate index's recall is measured.",
+            rich_help_panel="Index",
+        ),
+    ] = 256,
+    query_batch_size: Annotated[
+        int,
+        typer.Option(
+            "--query-batch-size", help="Val features searched at once (bounds memory).", rich_help_panel="Index"
+        ),
+    ] = 4096,
 ) -> None:
     """Classify val images by a weighted vote of their nearest train images (the DINO k-NN)."""
     from dinocli.evaluate.features_io import load_features
@@ -124,15 +152,22 @@ def knn_command(
         train_images = check_before_loading(train_data, options)
         val_images = check_before_loading(val_data, options)
         model, _ = load_model(
-            weights, checkpoint_key, arch, patch_size, random_init, raw_pixels, crop_size, seed, patch_embed,
-            pool, depth,
+            weights,
+            checkpoint_key,
+            arch,
+            patch_size,
+            random_init,
+            raw_pixels,
+            crop_size,
+            seed,
+            patch_embed,
+            pool,
+            depth,
         )
         train_feats = extract_with_progress(model, train_data, images=train_images, **options)
         val_feats = extract_with_progress(model, val_data, images=val_images, **options)
     else:
-        raise UsageError(
-            "give --train and --val features files, or --weights with --train-data and --val-data"
-        )
+        raise UsageError("give --train and --val features files, or --weights with --train-data and --val-data")
 
     ks = list(k) if k else [x for x in DEFAULT_KS if x <= len(train_feats)] or [len(train_feats)]
     dropped = [] if k else [x for x in DEFAULT_KS if x > len(train_feats)]
@@ -176,8 +211,7 @@ def _print_report(report, per_class: bool) -> None:
         rec = report.recall
         figures = ", ".join(f"@{k} {value:.4f}" for k, value in rec["at_k"].items())
         console.print(
-            f"recall of the {report.index} index against exact search on {rec['sample']} val "
-            f"features: {figures}"
+            f"recall of the {report.index} index against exact search on {rec['sample']} val features: {figures}"
         )
     if per_class:
         classes = Table(title="per-class top-1 %")

@@ -7,17 +7,24 @@ from typing import Annotated
 import typer
 
 CheckpointKey = Annotated[
-    str, typer.Option("--checkpoint-key", help="Which network of a training checkpoint: teacher or student.")
+    str,
+    typer.Option(
+        "--checkpoint-key", help="Which network of a training checkpoint: teacher or student.", rich_help_panel="Model"
+    ),
 ]
-Arch = Annotated[str | None, typer.Option("--arch", help="Backbone name, where the file does not say it.")]
+Arch = Annotated[
+    str | None, typer.Option("--arch", help="Backbone name, where the file does not say it.", rich_help_panel="Model")
+]
 PatchSize = Annotated[
-    int | None, typer.Option("--patch-size", help="ViT patch size, where the file does not say it.")
+    int | None,
+    typer.Option("--patch-size", help="ViT patch size, where the file does not say it.", rich_help_panel="Model"),
 ]
 Precision = Annotated[
     str,
     typer.Option(
         "--precision",
         help="auto (bf16 on GPUs and CPUs with native bf16, else fp32), fp32, bf16 or fp16 (CUDA).",
+        rich_help_panel="Performance",
     ),
 ]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel="Performance")]

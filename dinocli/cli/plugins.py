@@ -12,7 +12,12 @@ from dinocli.cli.app import command
 from dinocli.registry import KINDS, get_registry
 
 
-@command(name="plugins", rich_help_panel="Inspect")
+@command(
+    name="plugins",
+    rich_help_panel="Inspect",
+    short_help="Installed plugins and what each provides.",
+    examples=("dino plugins", "dino plugins --json"),
+)
 def plugins_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:

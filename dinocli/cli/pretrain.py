@@ -111,4 +111,13 @@ _params = [
 pretrain_command.__signature__ = inspect.Signature(_params)  # type: ignore[attr-defined]
 pretrain_command.__annotations__ = {p.name: p.annotation for p in _params}
 pretrain_command.__doc__ = HELP
-command(name="pretrain", rich_help_panel="Train")(pretrain_command)
+command(
+    name="pretrain",
+    rich_help_panel="Train",
+    short_help="DINO pretraining on a folder of images; run again to resume.",
+    examples=(
+        "dino pretrain --data ~/images --output runs/vits16 --arch vit_small --epochs 100",
+        "dino pretrain --data ~/images --output runs/small --recipe auto",
+        "dino pretrain --config examples/vit_small_300ep.toml --data ~/images --output runs/vits16-300",
+    ),
+)(pretrain_command)

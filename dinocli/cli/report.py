@@ -10,7 +10,12 @@ import typer
 from dinocli.cli.app import command
 
 
-@command(name="report", rich_help_panel="Train")
+@command(
+    name="report",
+    rich_help_panel="Train",
+    short_help="Charts of a run's metrics and an offline HTML page.",
+    examples=("dino report runs/vits16",),
+)
 def report_command(
     run: Annotated[Path, typer.Argument(help="Run folder of 'dino pretrain' (holds metrics.jsonl).")],
     output: Annotated[
