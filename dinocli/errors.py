@@ -18,10 +18,11 @@ class UsageError(DinoError):
     exit_code = 2
 
 
-def unknown_name(kind: str, name: str, available: Iterable[str]) -> UsageError:
-    """An error for an unknown ``name`` of ``kind`` that lists what exists and the closest match."""
+def unknown_name(kind: str, name: str, available: Iterable[str], similar: Iterable[str] = ()) -> UsageError:
+    """An error for an unknown ``name`` of ``kind`` that lists what exists and the closest match;
+    ``similar`` are more names to suggest but not list (the members of a pattern such as ``timm/*``)."""
     choices = sorted(available)
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    close = difflib.get_close_matches(name, [*choices, *similar], n=1, cutoff=0.5)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     listing = ", ".join(choices) if choices else "none"
     return UsageError(f"unknown {kind} {name!r}.{hint} Available: {listing}.")

@@ -12,6 +12,14 @@ and the rest keeps working). dinocli's own built-ins are registered exactly this
 
 Every factory is called with keyword arguments and must accept (and may ignore) ones it does not
 use, so that new options never break old plugins (``def build(**kwargs)``).
+
+A plugin that provides many names at once (every model of a library) registers a pattern: a
+prefix and one ``*``, with a callable that lists the names, e.g.
+``register("timm/*", build, names=timm.list_models)``. ``names`` is called only when a name with
+that prefix is looked up, completed or counted (``dino plugins --expand``), so a plugin that
+imports its library inside ``names`` and ``build`` costs nothing at start-up. The factory is called
+with the part after the prefix first: ``build("vit_small_patch16_224", **kwargs)``. A plain name
+wins over a pattern; an unknown name with the prefix gets the usual error with the closest names.
 """
 
 from __future__ import annotations

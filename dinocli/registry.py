@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import metadata
 from typing import Any
 
@@ -45,6 +46,36 @@ class Entry:
     description: str = ""
 
 
+@dataclass(eq=False)
+class Family:
+    """Names registered by a pattern ending in ``*`` (``timm/*``): the factory is called with the part
+    of the name after the prefix, and ``members()`` (the list of those parts) is called only when a
+    name of the family is looked up, completed or counted, so listing the pattern imports nothing."""
+
+    pattern: str
+    factory: Callable[..., Any]
+    members: Callable[[], Iterable[str]]
+    plugin: str
+    description: str = ""
+    _names: list[str] | None = field(default=None, repr=False)
+
+    @property
+    def prefix(self) -> str:
+        return self.pattern[:-1]
+
+    def names(self) -> list[str]:
+        """The full names (prefix included), sorted; computed once."""
+        if self._names is None:
+            try:
+                self._names = sorted(self.prefix + str(m) for m in self.members())
+            except Exception as exc:  # noqa: BLE001 - the plugin's own listing failed
+                raise DinoError(
+                    f"plugin {self.plugin!r} cannot list the names of {self.pattern!r}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+        return self._names
+
+
 @dataclass
 class PluginInfo:
     """What ``dino plugins`` shows for one plugin."""
@@ -63,6 +94,7 @@ class Registry:
     def __init__(self) -> None:
         self.plugins: dict[str, PluginInfo] = {}
         self._entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
+        self._families: dict[str, dict[str, Family]] = {kind: {} for kind in KINDS}
         self._pm = pluggy.PluginManager(hookspecs.PROJECT)
         self._pm.add_hookspecs(hookspecs)
 
@@ -128,7 +160,12 @@ class Registry:
     def _register_callback(self, kind: str, info: PluginInfo) -> Callable[..., None]:
         kind_name = KINDS[kind][1]
 
-        def register(name: str, factory: Callable[..., Any], description: str = "") -> None:
+        def register(
+            name: str,
+            factory: Callable[..., Any],
+            description: str = "",
+            names: Callable[[], Iterable[str]] | None = None,
+        ) -> None:
             if not isinstance(name, str) or not name:
                 raise DinoError(f"plugin {info.name!r} registered a {kind_name} without a name")
             if not callable(factory):
@@ -136,13 +173,22 @@ class Registry:
                     f"plugin {info.name!r} registered {kind_name} {name!r} with a factory "
                     f"that is not callable"
                 )
-            existing = self._entries[kind].get(name)
+            is_pattern = name.endswith("*")
+            if is_pattern != callable(names) or "*" in name[:-1] or name == "*":
+                raise DinoError(
+                    f"plugin {info.name!r} registered {kind_name} {name!r}: a pattern is a prefix "
+                    "followed by one '*' and needs names=<callable>, a plain name takes no names="
+                )
+            existing = (self._families if is_pattern else self._entries)[kind].get(name)
             if existing is not None:
                 raise DinoError(
                     f"{kind_name} {name!r} is registered twice: by plugin {existing.plugin!r} "
                     f"and by plugin {info.name!r}"
                 )
-            self._entries[kind][name] = Entry(name, factory, info.name, description)
+            if is_pattern:
+                self._families[kind][name] = Family(name, factory, names, info.name, description)
+            else:
+                self._entries[kind][name] = Entry(name, factory, info.name, description)
             info.provides[kind].append(name)
 
         return register
@@ -150,30 +196,59 @@ class Registry:
     def _fail(self, info: PluginInfo, message: str) -> None:
         self.plugins[info.name] = info
         # A disabled plugin provides nothing, not even what it registered before failing.
-        for kind, entries in self._entries.items():
-            for name in [n for n, e in entries.items() if e.plugin == info.name]:
-                del entries[name]
+        for kind in KINDS:
+            for entries in (self._entries[kind], self._families[kind]):
+                for name in [n for n, e in entries.items() if e.plugin == info.name]:
+                    del entries[name]
             info.provides[kind].clear()
         info.error = message if info.error is None else info.error
         print(f"dinocli: plugin {info.name!r} disabled: {message}", file=sys.stderr)
 
     # -- lookup ----------------------------------------------------------------------------
 
-    def names(self, kind: str) -> list[str]:
-        """Sorted names registered for ``kind`` (one of :data:`KINDS`)."""
-        return sorted(self._entries[kind])
+    def names(self, kind: str, expand: bool = False) -> list[str]:
+        """Sorted names registered for ``kind`` (one of :data:`KINDS`); with ``expand``, also every
+        name of every pattern (which may import the libraries behind them)."""
+        names = set(self._entries[kind])
+        if expand:
+            for family in self._families[kind].values():
+                names.update(family.names())
+        return sorted(names)
+
+    def families(self, kind: str) -> list[Family]:
+        """The patterns registered for ``kind`` (``timm/*``), sorted; their names are not computed."""
+        return [self._families[kind][p] for p in sorted(self._families[kind])]
+
+    def completions(self, kind: str, incomplete: str) -> list[str]:
+        """Names of ``kind`` that start with ``incomplete``, for shell completion: a pattern's prefix
+        stands for its names until ``incomplete`` reaches into it."""
+        found = [n for n in self._entries[kind] if n.startswith(incomplete)]
+        for family in self._families[kind].values():
+            if incomplete.startswith(family.prefix):
+                found += [n for n in family.names() if n.startswith(incomplete)]
+            elif family.prefix.startswith(incomplete):
+                found.append(family.prefix)
+        return sorted(found)
 
     def get(self, kind: str, name: str) -> Entry:
-        """The entry for ``name``, or a :class:`UsageError` that suggests the closest name."""
-        try:
+        """The entry for ``name`` (a pattern's names included), or a :class:`UsageError` that
+        suggests the closest name."""
+        if name in self._entries[kind]:
             return self._entries[kind][name]
-        except KeyError:
-            error = unknown_name(KINDS[kind][1], name, self._entries[kind])
-            failed = sorted(n for n, info in self.plugins.items() if info.error)
-            if failed:  # the name may belong to a plugin that could not load
-                listing = ", ".join(repr(n) for n in failed)
-                error = UsageError(f"{error} Disabled by errors: plugin {listing} (see 'dino plugins').")
-            raise error from None
+        similar: list[str] = []
+        for family in self._families[kind].values():
+            if name.startswith(family.prefix):
+                if name in family.names():
+                    member = name[len(family.prefix):]
+                    return Entry(name, partial(family.factory, member), family.plugin, family.description)
+                similar += family.names()
+        listed = [*self._entries[kind], *self._families[kind]]
+        error = unknown_name(KINDS[kind][1], name, listed, similar)
+        failed = sorted(n for n, info in self.plugins.items() if info.error)
+        if failed:  # the name may belong to a plugin that could not load
+            listing = ", ".join(repr(n) for n in failed)
+            error = UsageError(f"{error} Disabled by errors: plugin {listing} (see 'dino plugins').")
+        raise error
 
     def create(self, kind: str, name: str, **kwargs: Any) -> Any:
         """Build ``name`` with its factory; a failure inside the factory names the plugin."""
@@ -284,6 +359,7 @@ def create_collapse_strategy(name: str, **kwargs: Any) -> Any:
 
 __all__ = [
     "Entry",
+    "Family",
     "PluginInfo",
     "Registry",
     "UsageError",

@@ -6,14 +6,33 @@ from typing import Annotated
 
 import typer
 
+
+def complete_backbone(incomplete: str) -> list[str]:
+    """Shell completion of backbone names, ``timm/...`` and other patterns' names included."""
+    from dinocli.errors import DinoError
+    from dinocli.registry import get_registry
+
+    try:
+        return get_registry().completions("backbones", incomplete)
+    except DinoError:  # a plugin that cannot list its names completes nothing
+        return []
+
+
 CheckpointKey = Annotated[
     str,
     typer.Option(
         "--checkpoint-key", help="Which network of a training checkpoint: teacher or student.", rich_help_panel="Model"
     ),
 ]
+
 Arch = Annotated[
-    str | None, typer.Option("--arch", help="Backbone name, where the file does not say it.", rich_help_panel="Model")
+    str | None,
+    typer.Option(
+        "--arch",
+        help="Backbone name, where the file does not say it.",
+        rich_help_panel="Model",
+        autocompletion=complete_backbone,
+    ),
 ]
 PatchSize = Annotated[
     int | None,

@@ -9,27 +9,38 @@ from typing import Annotated
 import typer
 
 from dinocli.cli.app import command
-from dinocli.registry import KINDS, get_registry
+from dinocli.registry import KINDS, Registry, get_registry
 
 
 @command(
     name="plugins",
     rich_help_panel="Inspect",
     short_help="Installed plugins and what each provides.",
-    examples=("dino plugins", "dino plugins --json"),
+    examples=("dino plugins", "dino plugins --json", "dino plugins --expand"),
 )
 def plugins_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    expand: Annotated[
+        bool,
+        typer.Option(
+            "--expand",
+            help="Count the names behind each pattern such as timm/* (imports the libraries behind them); "
+            "with --json, list them.",
+        ),
+    ] = False,
 ) -> None:
     """List installed plugins and the backbones, augmentations and strategies they provide."""
     registry = get_registry()
     infos = sorted(registry.plugins.values(), key=lambda i: (not i.builtin, i.name))
+    sizes = _pattern_names(registry) if expand else {}
     if as_json:
         rows = []
         for info in infos:
             row = asdict(info)
             provides = row.pop("provides")
             row.pop("builtin")
+            if expand:
+                row["pattern_names"] = {p: sizes[p] for names in provides.values() for p in names if p in sizes}
             rows.append({**row, **provides})
         typer.echo(json.dumps({"plugins": rows}, indent=2))
         return
@@ -46,7 +57,16 @@ def plugins_command(
             info.name,
             info.distribution + (" (built-in)" if info.builtin else ""),
             info.version,
-            *(", ".join(info.provides[k]) for k in KINDS),
+            *(", ".join(_shown(n, sizes) for n in info.provides[k]) for k in KINDS),
             status,
         )
     Console().print(table)
+
+
+def _pattern_names(registry: Registry) -> dict[str, list[str]]:
+    """The names behind every registered pattern (``timm/*``), by pattern."""
+    return {f.pattern: f.names() for kind in KINDS for f in registry.families(kind)}
+
+
+def _shown(name: str, sizes: dict[str, list[str]]) -> str:
+    return f"{name} ({len(sizes[name])} names)" if name in sizes else name

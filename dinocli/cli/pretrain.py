@@ -12,6 +12,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from dinocli.cli.app import command
+from dinocli.cli.options import complete_backbone
 from dinocli.train.config import FIELDS
 
 HELP = " ".join(
@@ -38,7 +39,13 @@ def _option(name: str) -> inspect.Parameter:
     shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
     help_text = f.metadata["help"] + (f" \\[default: {shown}]" if shown != "" else "")
     kind = tuple[float, float] if isinstance(default, tuple) else type(default)
-    option = typer.Option(*decls, help=help_text, rich_help_panel=f.metadata["panel"], show_default=False)
+    option = typer.Option(
+        *decls,
+        help=help_text,
+        rich_help_panel=f.metadata["panel"],
+        show_default=False,
+        autocompletion=complete_backbone if name == "arch" else None,
+    )
     return inspect.Parameter(
         name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[kind], option]
     )
