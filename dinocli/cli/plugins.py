@@ -32,7 +32,7 @@ def plugins_command(
     """List installed plugins and the backbones, augmentations and strategies they provide."""
     registry = get_registry()
     infos = sorted(registry.plugins.values(), key=lambda i: (not i.builtin, i.name))
-    sizes = _pattern_names(registry) if expand else {}
+    expanded = _pattern_names(registry) if expand else {}
     if as_json:
         rows = []
         for info in infos:
@@ -40,7 +40,8 @@ def plugins_command(
             provides = row.pop("provides")
             row.pop("builtin")
             if expand:
-                row["pattern_names"] = {p: sizes[p] for names in provides.values() for p in names if p in sizes}
+                mine = [p for names in provides.values() for p in names if p in expanded]
+                row["pattern_names"] = {p: expanded[p] for p in mine}
             rows.append({**row, **provides})
         typer.echo(json.dumps({"plugins": rows}, indent=2))
         return
@@ -57,7 +58,7 @@ def plugins_command(
             info.name,
             info.distribution + (" (built-in)" if info.builtin else ""),
             info.version,
-            *(", ".join(_shown(n, sizes) for n in info.provides[k]) for k in KINDS),
+            *(", ".join(_shown(n, expanded) for n in info.provides[k]) for k in KINDS),
             status,
         )
     Console().print(table)
@@ -68,5 +69,5 @@ def _pattern_names(registry: Registry) -> dict[str, list[str]]:
     return {f.pattern: f.names() for kind in KINDS for f in registry.families(kind)}
 
 
-def _shown(name: str, sizes: dict[str, list[str]]) -> str:
-    return f"{name} ({len(sizes[name])} names)" if name in sizes else name
+def _shown(name: str, expanded: dict[str, list[str]]) -> str:
+    return f"{name} ({len(expanded[name])} names)" if name in expanded else name

@@ -237,6 +237,20 @@ def test_last_selfattention_matches_the_formula(registry):
     torch.testing.assert_close(got.sum(-1), torch.ones(3, heads, 5))
 
 
+def test_same_weights_as_dinocli_vit_give_the_same_features_and_attention(registry):
+    """timm's ViT and dinocli's reference-layout ViT share their key names: with the same weights
+    they compute the same CLS embedding and last-block attention (at the training size)."""
+    ours = dinocli.create_backbone("vit_tiny", patch_size=16, img_size=64, depth=2).eval()
+    theirs = dinocli.create_backbone(TINY_VIT, img_size=64, depth=2).eval()
+    theirs.model.load_state_dict(ours.state_dict(), strict=True)
+    x = batch(64, n=3, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), ours(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            theirs.get_last_selfattention(x), ours.get_last_selfattention(x), rtol=1e-5, atol=1e-6
+        )
+
+
 def test_last_selfattention_leaves_out_registers_and_uses_qk_norm():
     vit = timm.create_model(
         "vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, depth=2,
