@@ -33,7 +33,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
 )
 
 DEBUG_ENV = "DINOCLI_DEBUG"
