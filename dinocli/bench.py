@@ -106,7 +106,7 @@ def loader_rate(dataset, num_workers: int, batch_size: int, count: int) -> float
     next(it)  # worker start-up is not part of the rate
     start, n = time.perf_counter(), 0
     for batch in it:
-        n += batch.crops[0].shape[0] if batch.crops else 0
+        n += n_images(batch.crops)
     return n / max(time.perf_counter() - start, 1e-9)
 
 
@@ -119,7 +119,14 @@ def step_rate(trainer, batch, steps: int) -> float:
     for _ in range(steps):
         trainer.step(batch, temp, momentum, diagnose=False)
     _sync(trainer.device)
-    return steps * batch[0].shape[0] / (time.perf_counter() - start)
+    return steps * n_images(batch) / (time.perf_counter() - start)
+
+
+def n_images(crops) -> int:
+    """Images in a collated batch's views (a list of ``[B, 3, h, w]``, or encoded images)."""
+    if hasattr(crops, "finish"):
+        return len(crops)
+    return int(crops[0].shape[0]) if crops else 0
 
 
 def _sync(device: torch.device) -> None:
@@ -168,7 +175,7 @@ def run_bench(
         trainer = Trainer(cfg, ProcessGroup(), dev, resolve_precision(cfg.precision, dev), False)
         try:
             dataset = MultiCropDataset(
-                trainer.paths, trainer.augmentation, seed=0, defer_colour=augment_on == "gpu"
+                trainer.paths, trainer.augmentation, seed=0, on_device=augment_on == "gpu"
             )
             decode = decode_rate(paths[:images])
             per_worker = worker_rate(dataset, images)

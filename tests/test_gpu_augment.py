@@ -1,6 +1,6 @@
 """Batched, per-view colour operations (dinocli.augmentations.gpu): each one against its PIL
 counterpart within stated tolerances, the blur kernel against PIL's box-filter construction, batching
-that never mixes views, and the deferred (``--augment-on gpu``) path against the CPU fast path."""
+that never mixes views (the whole ``--augment-on gpu`` path is tested in test_gpu_device_views.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ import dinocli
 from dinocli.augmentations import gpu
 from dinocli.augmentations.gpu import ColourParams
 from dinocli.augmentations.params import ColorJitterParams, ViewParams
-from dinocli.data.multicrop_dataset import DeferredCrops, MultiCropDataset, collate_multicrop
-from dinocli.errors import UsageError
 
 from conftest import make_rgb_image
 
@@ -306,38 +304,6 @@ def test_normalize_is_totensor_then_normalize(photo):
 def test_wrong_number_of_parameters_is_refused():
     with pytest.raises(ValueError, match="3 colour parameters for 2 views"):
         gpu.colour_views(torch.zeros(2, 3, 4, 4), ColourParams.from_views(random_params(3, 0)))
-
-
-# --- the deferred path: workers crop, the device colours -----------------------------------
-
-
-def test_deferred_batches_equal_the_cpu_fast_path(tmp_path):
-    paths = []
-    for i in range(5):
-        paths.append(tmp_path / f"{i}.png")
-        make_rgb_image(40, 36, seed=i).save(paths[-1])
-    aug = dinocli.create_augmentation("dino", global_crop_size=24, local_crop_size=12, local_crops_number=3)
-    cpu = collate_multicrop([MultiCropDataset(paths, aug, seed=4)[i] for i in range(5)])
-    deferred = collate_multicrop([MultiCropDataset(paths, aug, seed=4, defer_colour=True)[i] for i in range(5)])
-    assert isinstance(deferred.crops, DeferredCrops) and deferred.n_skipped == 0
-    assert all(c.dtype == torch.uint8 for c in deferred.crops.crops)
-    assert deferred.crops[0].shape == (5, 3, 24, 24) and len(deferred.crops) == 5
-    views = deferred.crops.finish("cpu")
-    assert [tuple(v.shape) for v in views] == [tuple(v.shape) for v in cpu.crops]
-    for got, want in zip(views, cpu.crops):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-
-
-def test_deferred_colour_needs_an_augmentation_with_stages(tmp_path):
-    class Plain:
-        n_global, n_local = 2, 0
-
-        def __call__(self, image, generator):
-            return []
-
-    make_rgb_image().save(tmp_path / "a.png")
-    with pytest.raises(UsageError, match="cannot run its colour operations on the device"):
-        MultiCropDataset([tmp_path / "a.png"], Plain(), defer_colour=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device in this environment")

@@ -9,9 +9,10 @@ data loader for that epoch, as with ``DistributedSampler``).
 An augmentation that can plan its crops from the image size (the built-in ``dino``: methods
 ``plan``, ``draft_factor``, ``crops`` and ``colour``) gets its random parameters before the image
 is decoded, so a large JPEG is decoded at reduced size when every crop allows it. With
-``defer_colour=True`` items are uint8 crops plus their colour parameters
-(:class:`DeferredViews`); :class:`DeferredCrops` batches run the colour operations on the
-training device (``--augment-on gpu``). Other augmentations get the decoded RGB image.
+``on_device=True`` (``--augment-on gpu``) items are the encoded file and its views' parameters
+(:class:`~dinocli.augmentations.device.EncodedViews`): the batch is decoded, cropped and coloured
+on the training device (:class:`~dinocli.augmentations.device.EncodedBatch`). Other augmentations
+get the decoded RGB image.
 
 Undecodable images are skipped (the item is ``None``, and :func:`collate_multicrop` drops it and
 counts it) or stop the run with a :class:`BadImageError` naming the file.
@@ -29,7 +30,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from dinocli.augmentations.gpu import ColourParams, colour_batch
+from dinocli.augmentations.device import EncodedBatch, EncodedViews, read_for_device, view_boxes
+from dinocli.augmentations.gpu import ColourParams
 from dinocli.data.images import load_rgb, open_rgb
 from dinocli.errors import DinoError, UsageError
 from dinocli.interfaces import Augmentation
@@ -54,46 +56,14 @@ class BadImageError(DinoError):
         super().__init__(message)
 
 
-class DeferredViews(NamedTuple):
-    """One image's views before their colour operations: uint8 ``[3, h, w]`` crops (cut,
-    resized, flipped), the colour parameters of each view, and the normalisation to apply."""
-
-    crops: list[torch.Tensor]
-    colour: ColourParams
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-
-class DeferredCrops:
-    """A batch of :class:`DeferredViews`: list-like over the uint8 ``[B, 3, h, w]`` views;
-    :meth:`finish` runs the colour operations on a device and returns the float views."""
-
-    def __init__(self, crops: list[torch.Tensor], colour: list[ColourParams], mean, std) -> None:
-        self.crops, self.colour, self.mean, self.std = crops, colour, tuple(mean), tuple(std)
-
-    def __len__(self) -> int:
-        return len(self.crops)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.crops[index]
-
-    def pin_memory(self) -> DeferredCrops:
-        """Called by ``DataLoader(pin_memory=True)``."""
-        return DeferredCrops([c.pin_memory() for c in self.crops], self.colour, self.mean, self.std)
-
-    def finish(self, device: torch.device | str) -> list[torch.Tensor]:
-        """The normalised float views on ``device``, as :func:`collate_multicrop` would give them."""
-        return colour_batch(self.crops, self.colour, self.mean, self.std, torch.device(device))
-
-
 class MultiCropBatch(NamedTuple):
     """A collated batch: one ``[B, 3, h, w]`` tensor per view, and how many images were skipped.
 
-    ``crops`` is empty when every image of the batch was skipped; it is a :class:`DeferredCrops`
-    (uint8 views; call ``finish(device)``) when the items were :class:`DeferredViews`.
+    ``crops`` is empty when every image of the batch was skipped; it is an :class:`EncodedBatch`
+    (call ``finish(device)`` for the views) when the items were :class:`EncodedViews`.
     """
 
-    crops: list[torch.Tensor] | DeferredCrops
+    crops: list[torch.Tensor] | EncodedBatch
     n_skipped: int
 
 
@@ -112,15 +82,15 @@ class MultiCropDataset(Dataset):
         augmentation: Augmentation,
         seed: int = 0,
         on_bad_image: OnBadImage = "skip",
-        defer_colour: bool = False,
+        on_device: bool = False,
     ) -> None:
         self.plans = all(hasattr(augmentation, m) for m in ("plan", "draft_factor", "crops", "colour"))
-        if defer_colour and not self.plans:
+        if on_device and not (self.plans and hasattr(augmentation, "specs")):
             raise UsageError(
-                f"augmentation {type(augmentation).__name__} cannot run its colour operations on the "
-                "device (it has no crops/colour stages); use --augment-on cpu"
+                f"augmentation {type(augmentation).__name__} cannot run on the device (it has no "
+                "crop plan and colour stages); use --augment-on cpu"
             )
-        self.defer_colour = bool(defer_colour)
+        self.on_device = bool(on_device)
         if on_bad_image not in ("skip", "fail"):
             raise UsageError(f"on_bad_image must be 'skip' or 'fail', got {on_bad_image!r}")
         if not paths:
@@ -149,7 +119,7 @@ class MultiCropDataset(Dataset):
         """The generator that item ``index`` of the current epoch is augmented with."""
         return torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
 
-    def __getitem__(self, index: int) -> list[torch.Tensor] | DeferredViews | None:
+    def __getitem__(self, index: int) -> list[torch.Tensor] | EncodedViews | None:
         path = self.paths[index]
         generator = self.generator(index)
         aug = self.augmentation
@@ -158,6 +128,16 @@ class MultiCropDataset(Dataset):
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 if not self.plans:
                     image = open_rgb(path)
+                elif self.on_device:  # the device decodes, crops and colours
+                    with Image.open(path) as opened:
+                        params = aug.plan(opened.size, generator)
+                        data = read_for_device(path, opened)
+                    sizes = tuple(spec.size for spec in aug.specs)
+                    colour = ColourParams.from_views(params)
+                    return EncodedViews(
+                        data, view_boxes(params), colour, str(path), sizes, aug.mean, aug.std,
+                        self.on_bad_image,
+                    )  # fmt: skip
                 else:
                     with Image.open(path) as opened:
                         width = opened.width
@@ -169,22 +149,15 @@ class MultiCropDataset(Dataset):
             return None
         if not self.plans:
             return aug(image, generator)
-        crops = aug.crops(image, params, scale=image.width / width)
-        if self.defer_colour:
-            return DeferredViews(crops, ColourParams.from_views(params), aug.mean, aug.std)
-        return aug.colour(crops, params)
+        return aug.colour(aug.crops(image, params, scale=image.width / width), params)
 
 
-def collate_multicrop(batch: Sequence[list[torch.Tensor] | DeferredViews | None]) -> MultiCropBatch:
+def collate_multicrop(batch: Sequence[list[torch.Tensor] | EncodedViews | None]) -> MultiCropBatch:
     """Stack each view of the batch into ``[B, 3, h, w]``; ``None`` items are dropped and counted."""
     items = [item for item in batch if item is not None]
     n_skipped = len(batch) - len(items)
     if not items:
         return MultiCropBatch([], n_skipped)
-    if isinstance(items[0], DeferredViews):
-        crops = [torch.stack(views) for views in zip(*(item.crops for item in items))]
-        colour = [
-            ColourParams.cat([item.colour.select(v) for item in items]) for v in range(len(crops))
-        ]
-        return MultiCropBatch(DeferredCrops(crops, colour, items[0].mean, items[0].std), n_skipped)
+    if isinstance(items[0], EncodedViews):
+        return MultiCropBatch(EncodedBatch(items), n_skipped)
     return MultiCropBatch([torch.stack(views) for views in zip(*items)], n_skipped)

@@ -4,6 +4,10 @@ Preprocessing: resize the shorter side (bicubic by default), center crop, ImageN
 Features: the backbone output (the CLS embedding after the final norm), or the reference's
 linear-probe recipes: the CLS tokens of the last ``n_last_blocks`` blocks, concatenated, with
 the mean patch token of the last block appended when ``avgpool_patch_tokens`` is set.
+
+On a CUDA device (bicubic or bilinear resize), workers only read the files: JPEGs are decoded,
+resized and centre-cropped on the device (:func:`dinocli.augmentations.device.eval_views`), equal
+to the PIL preprocessing within a level or two on a few pixels (``decode_on_device`` chooses).
 """
 
 from __future__ import annotations
@@ -125,11 +129,41 @@ class _Images(Dataset):
             return f"cannot read image {self.paths[i]}: {exc}"
 
 
-def _collate(items: list[torch.Tensor | str]) -> torch.Tensor | str:
+class _Encoded(_Images):
+    """Encoded JPEG bytes (or decoded pixels of other files) for decoding on the device."""
+
+    def __getitem__(self, i: int) -> torch.Tensor | str:
+        from PIL import Image
+
+        from dinocli.augmentations.device import read_for_device
+
+        try:
+            with Image.open(self.paths[i]) as opened:
+                return read_for_device(self.paths[i], opened)
+        except Exception as exc:  # noqa: BLE001 - reported by the main process as one line
+            return f"cannot read image {self.paths[i]}: {exc}"
+
+
+def _collate(items: list[torch.Tensor | str]) -> torch.Tensor | list[torch.Tensor] | str:
     for item in items:
         if isinstance(item, str):
             return item
+    if items[0].dim() != 3 or any(x.shape != items[0].shape for x in items):
+        return items  # encoded files: a list, decoded on the device
     return torch.stack(items)
+
+
+def _device_batch(
+    items: torch.Tensor | list[torch.Tensor], paths: Sequence[Path], resize: int, crop: int,
+    interpolation: str, dev: torch.device,
+) -> torch.Tensor:  # fmt: skip
+    """The preprocessed batch of :class:`_Encoded` items, made on ``dev``."""
+    from dinocli.augmentations.device import UndecodableImage, eval_views
+
+    try:
+        return eval_views(list(items), resize, crop, IMAGENET_MEAN, IMAGENET_STD, dev, interpolation)
+    except UndecodableImage as exc:
+        raise UsageError(f"cannot read image {paths[exc.index]}: not a decodable JPEG") from exc
 
 
 def _batches(loader: DataLoader) -> Iterator[torch.Tensor]:
@@ -157,12 +191,15 @@ def extract_features(
     precision: str = "fp32",
     device: str | torch.device | None = None,
     progress: Callable[[int], None] | None = None,
+    decode_on_device: bool | None = None,
 ) -> Features:
     """Features of the images ``paths`` (float32 ``[N, D]``, in the order given).
 
     ``labels`` defaults to -1 (unlabelled). ``device=None`` runs where the model already is;
     the model's train/eval mode is restored afterwards, so a training loop can call this on its
     teacher. ``progress`` is called with the number of images done after each batch.
+    ``decode_on_device``: decode, resize and crop on the device (default: on CUDA with a bicubic
+    or bilinear resize); workers then only read files.
     """
     paths = [Path(p) for p in paths]
     if not paths:
@@ -181,8 +218,12 @@ def extract_features(
         raise UsageError(f"--n-last-blocks must be between 1 and the depth{limit}, got {n_last_blocks}")
     dev = resolve_device(device) if device is not None else _model_device(model)
     precision = resolve_precision(precision, dev)
+    if decode_on_device is None:
+        decode_on_device = dev.type == "cuda" and interpolation in ("bicubic", "bilinear")
+    elif decode_on_device and interpolation not in ("bicubic", "bilinear"):
+        raise UsageError(f"decoding on the device resizes bicubic or bilinear, not {interpolation}")
     loader = DataLoader(
-        _Images(paths, transform),
+        (_Encoded if decode_on_device else _Images)(paths, transform),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=_collate,
@@ -197,6 +238,8 @@ def extract_features(
     done = 0
     try:
         for batch in _batches(loader):
+            if decode_on_device:
+                batch = _device_batch(batch, paths[done:], resize, crop_size, interpolation, dev)
             with autocast(precision, dev):
                 feats = embed(model, batch.to(dev, non_blocking=True), n_last_blocks, avgpool_patch_tokens)
             feats = feats.float()

@@ -109,8 +109,8 @@ class PretrainConfig:
     local_crop_size: int = _opt(96, "Local crop size in pixels (e.g. 16 for CIFAR).", AUG)
     augment_on: str = _opt(
         "cpu",
-        "Where colour jitter, grayscale, blur and solarisation run: cpu (data-loading workers) or "
-        "gpu (batched on the training device; workers only decode, crop and flip). Built-in "
+        "Where the augmentation runs: cpu (data-loading workers) or gpu (decoding, crops, colour, "
+        "blur and solarisation batched on the training device; workers only read files). Built-in "
         "`dino` augmentation only.",
         AUG,
         choices=("cpu", "gpu"),

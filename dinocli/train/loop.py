@@ -236,7 +236,7 @@ class Trainer:
 
         self.dataset = MultiCropDataset(
             self.paths, self.augmentation, seed=self.cfg.seed, on_bad_image=self.cfg.on_bad_image,
-            defer_colour=self.cfg.augment_on == "gpu",  # colour ops batched on the device in step()
+            on_device=self.cfg.augment_on == "gpu",  # decode, crop and colour on the device in step()
         )
         workers = self.cfg.num_workers
         if workers < 0:  # leave a core to the training process
@@ -380,7 +380,8 @@ class Trainer:
             self.iteration += 1
             if self._stop_agreed or (self.group.world_size == 1 and self._interrupted):
                 self._save_interrupted()
-            tick_images += views[0].shape[0] * self.group.world_size
+            n_images = len(views) if hasattr(views, "finish") else views[0].shape[0]  # encoded or views
+            tick_images += n_images * self.group.world_size
             if log_now:
                 now = time.perf_counter()
                 record = {
@@ -419,7 +420,7 @@ class Trainer:
         """
         cfg = self.cfg
         fmt = torch.channels_last if self.channels_last else torch.preserve_format
-        if hasattr(views, "finish"):  # --augment-on gpu: uint8 crops, colour ops on the device
+        if hasattr(views, "finish"):  # --augment-on gpu: encoded images, decoded etc. on the device
             views = views.finish(self.device)
         views = [v.to(self.device, non_blocking=True, memory_format=fmt) for v in views]
         noise = global_batch_noise(
