@@ -1,9 +1,11 @@
 """``dino bench``: is training limited by the data pipeline or by the model, on this machine?
 
-Four rates, in images per second: decoding alone (one process), decoding + multi-crop augmentation
+Five rates, in images per second: decoding alone (one process), decoding + multi-crop augmentation
 in one process (what one data-loading worker does, one thread), the same through a ``DataLoader``
-with N workers, and training steps of the chosen model (the real :meth:`Trainer.step`: student
-and teacher forward, DINO loss, backward, optimiser and EMA update) on a real augmented batch.
+with N workers, training steps of the chosen model (the real :meth:`Trainer.step`: student
+and teacher forward, DINO loss, backward, optimiser and EMA update) on a real augmented batch, and
+end to end: files through the ``DataLoader`` with N workers into ``Trainer.step`` (with
+``--augment-on gpu`` the step also decodes and augments, so the per-worker rate is only reading).
 The slower of the data rate and the step rate limits training; the number of workers that feeds
 the model is ``ceil(1.1 * step rate / rate per worker)``, at most the number of CPUs.
 """
@@ -30,6 +32,7 @@ JSON_KEYS = (
     "augment_images_per_s_per_worker",
     "augment_images_per_s",
     "step_images_per_s",
+    "end_to_end_images_per_s",
     "bottleneck",
     "recommended_num_workers",
 )
@@ -44,6 +47,7 @@ class BenchResult:
     augment_images_per_s_per_worker: float
     augment_images_per_s: float
     step_images_per_s: float
+    end_to_end_images_per_s: float
     bottleneck: str
     recommended_num_workers: int
     details: dict[str, Any] = field(default_factory=dict)
@@ -122,6 +126,33 @@ def step_rate(trainer, batch, steps: int) -> float:
     return steps * n_images(batch) / (time.perf_counter() - start)
 
 
+def end_to_end_rate(trainer, dataset, num_workers: int, batch_size: int, steps: int) -> float:
+    """Images/s from files to the end of ``trainer.step``: a ``DataLoader`` with ``num_workers``
+    workers feeding the training steps (after one warm-up batch, so worker start-up is left out)."""
+    from dinocli.data.multicrop_dataset import collate_multicrop
+
+    indices = [i % len(dataset) for i in range((steps + 1) * batch_size)]
+    loader = DataLoader(
+        torch.utils.data.Subset(dataset, indices),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_multicrop,
+        pin_memory=trainer.device.type == "cuda",
+        prefetch_factor=2 if num_workers else None,
+    )
+    temp, momentum = trainer.schedules.teacher_temp(0), trainer.schedules.momentum(0)
+    it = iter(loader)
+    trainer.step(next(it).crops, temp, momentum, diagnose=False)
+    _sync(trainer.device)
+    start, n = time.perf_counter(), 0
+    for batch in it:
+        if n_images(batch.crops):
+            trainer.step(batch.crops, temp, momentum, diagnose=False)
+            n += n_images(batch.crops)
+    _sync(trainer.device)
+    return n / max(time.perf_counter() - start, 1e-9)
+
+
 def n_images(crops) -> int:
     """Images in a collated batch's views (a list of ``[B, 3, h, w]``, or encoded images)."""
     if hasattr(crops, "finish"):
@@ -184,6 +215,7 @@ def run_bench(
             if not batch.crops:
                 raise UsageError(f"no image under {data} could be decoded")
             step = step_rate(trainer, batch.crops, steps)
+            end_to_end = end_to_end_rate(trainer, dataset, workers, batch_size, steps)
         finally:
             trainer.close()
     recommended = recommend_workers(step, per_worker, cpus)
@@ -192,6 +224,7 @@ def run_bench(
         augment_images_per_s_per_worker=round(per_worker, 1),
         augment_images_per_s=round(with_workers, 1),
         step_images_per_s=round(step, 1),
+        end_to_end_images_per_s=round(end_to_end, 1),
         bottleneck="data" if with_workers < step else "model",
         recommended_num_workers=recommended,
         details={

@@ -55,8 +55,10 @@ def test_json_has_exactly_the_issue_keys_and_a_consistent_verdict(cli, images, o
     assert result.exit_code == 0, result.output
     figures = json.loads(result.stdout)
     assert tuple(figures) == JSON_KEYS
-    for key in JSON_KEYS[:4]:
+    for key in JSON_KEYS[:5]:
         assert isinstance(figures[key], float) and figures[key] > 0, key
+    slower = min(figures["augment_images_per_s"], figures["step_images_per_s"])
+    assert figures["end_to_end_images_per_s"] <= 1.5 * slower  # both stages, one after the other
     data_rate, step_rate = figures["augment_images_per_s"], figures["step_images_per_s"]
     assert figures["bottleneck"] == ("data" if data_rate < step_rate else "model")
     assert figures["recommended_num_workers"] == recommend_workers(
@@ -71,6 +73,7 @@ def test_human_output_with_augmentation_on_the_device(cli, images, one_thread):
     assert result.exit_code == 0, result.output
     assert "augmentation on gpu" in result.stdout
     assert "bottleneck:" in result.stdout and "recommended: --num-workers" in result.stdout
+    assert "end to end (files -> step)" in result.stdout
 
 
 def test_missing_folder_is_one_line_and_exit_2(cli, tmp_path):

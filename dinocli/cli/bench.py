@@ -14,7 +14,7 @@ from dinocli.cli.app import command
 @command(
     name="bench",
     rich_help_panel="Train",
-    short_help="What limits training on this machine: decoding, augmentation or the model.",
+    short_help="What limits training on this machine: decoding, augmentation or the model (and end to end).",
     examples=("dino bench --data ~/images", "dino bench --data ~/images --arch vit_small --device cuda"),
 )
 def bench_command(
@@ -29,7 +29,7 @@ def bench_command(
     ] = -1,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per training step.")] = 64,
     augment_on: Annotated[
-        str, typer.Option("--augment-on", help="cpu, or gpu: colour operations timed in the step.")
+        str, typer.Option("--augment-on", help="cpu, or gpu: decoding and augmentation timed in the step.")
     ] = "cpu",
     images: Annotated[int, typer.Option("--images", help="Images decoded/augmented per measurement.")] = 200,
     steps: Annotated[int, typer.Option("--steps", help="Timed training steps (after one warm-up).")] = 5,
@@ -60,6 +60,7 @@ def bench_command(
     typer.echo(f"  decode + augment           {result.augment_images_per_s_per_worker:9.1f} images/s per worker")
     typer.echo(f"  with {d['num_workers']:2d} workers            {result.augment_images_per_s:9.1f} images/s")
     typer.echo(f"  training step              {result.step_images_per_s:9.1f} images/s")
+    typer.echo(f"  end to end (files -> step) {result.end_to_end_images_per_s:9.1f} images/s")
     limit = "the data pipeline" if result.bottleneck == "data" else "the model"
     typer.echo(f"bottleneck: {result.bottleneck} ({limit} limits training)")
     typer.echo(
