@@ -1,16 +1,27 @@
-"""Benchmark: dinocli on a GPU -- training step, feature extraction and k-NN, one table.
+"""Benchmark: dinocli on a GPU -- training step, training end to end, extraction and k-NN, one table.
 
-Training: images/s and peak GPU memory of dinocli's real training step (``Trainer.step``:
-student and teacher forward, DINO loss, backward, clipping, optimiser, EMA) for vit_small/16 with
-2 x 224 px + 8 x 96 px crops and 65536 prototypes, at batch 64 and 128, in bf16 and fp16 (with the
-gradient scaler), with and without ``--compile``. The crops are synthetic tensors already on the
-device, so data loading is left out. Extract: images/s of the backbone forward (224 px, batch 256)
-and of ``extract_features`` end to end on generated JPEGs. k-NN: ``knn_classify`` on 50k x 10k
-synthetic features (FAISS on the GPU when it was built with GPU support, else torch or FAISS-CPU).
+Everything the issue asks for, in one run (about 4-6 minutes on one H100/H200; nothing downloaded):
 
-    python benchmarks/gpu.py                       # the full run, about 5-7 minutes on one GPU
-    python benchmarks/gpu.py --no-compile          # skip the torch.compile rows (~1 minute)
-    python benchmarks/gpu.py --quick --device cpu  # seconds: checks that the script works
+- train step: images/s, MFU and peak memory of dinocli's real ``Trainer.step`` (student and
+  teacher forward, DINO loss, backward, clipping, fused AdamW, EMA) for vit_small/16 with
+  2 x 224 px + 8 x 96 px crops and 65536 prototypes, batch 128, bf16, eager and ``--compile``, on
+  synthetic tensors already on the device (data loading left out);
+- train end to end: generated 500x375 JPEG files -> ``DataLoader`` workers -> ``Trainer.step``,
+  with the augmentation in the workers (``--augment-on cpu``) and on the device
+  (``--augment-on gpu``: workers read bytes; nvJPEG decode, crops, colour, blur on the GPU);
+- extract: backbone forward on tensors, and ``extract_features`` from the JPEG files with the
+  decoding, resize and crop on the GPU (the default on CUDA) and in the workers (PIL);
+- k-NN: ``knn_classify`` on 50k x 10k synthetic features.
+
+MFU = achieved FLOP/s over the device's dense bf16 peak (:data:`PEAK_BF16`, or ``--peak-tflops``);
+the FLOPs of a step are counted by :func:`train_flops_per_image` (matrix products only: 2 per
+multiply-add; the backward counts twice the forward). Every CUDA-only call is guarded, so
+``--device cpu --quick`` runs the same code in a minute or two as a smoke test.
+
+    python benchmarks/gpu.py                       # the full run
+    python benchmarks/gpu.py --no-compile          # skip the torch.compile row (~2 minutes less)
+    python benchmarks/gpu.py --quick --device cpu  # tiny sizes: checks that the script works
+    python benchmarks/gpu.py --json out.json       # also the rows as JSON
 """
 
 from __future__ import annotations
@@ -41,9 +52,13 @@ from dinocli.train import resolve_config
 from dinocli.train.loop import Trainer
 
 
+#: Dense bf16 peak FLOP/s by device name (NVIDIA's data sheets, without sparsity).
+PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+
+
 @dataclass
 class Settings:
-    """What one benchmark run measures; ``quick`` shrinks everything to run in seconds on a CPU."""
+    """What one benchmark run measures; ``quick`` shrinks everything to run fast on a CPU."""
 
     arch: str = "vit_small"
     patch_size: int = 16
@@ -51,25 +66,30 @@ class Settings:
     global_size: int = 224
     local_size: int = 96
     local_crops: int = 8
-    batches: tuple[int, ...] = (64, 128)
-    precisions: tuple[str, ...] = ("bf16", "fp16")
+    batches: tuple[int, ...] = (128,)
+    precisions: tuple[str, ...] = ("bf16",)
     compile_modes: tuple[bool, ...] = (False, True)
     warmup_steps: int = 3
     steps: int = 10
+    files: int = 4096
+    file_size: tuple[int, int] = (500, 375)
+    e2e_batch: int = 128
+    e2e_steps: int = 20
+    workers: int = field(default_factory=lambda: min(16, os.cpu_count() or 1))
     extract_batch: int = 256
-    extract_images: int = 2048
+    extract_resize: int = 256
     knn_train: int = 50_000
     knn_val: int = 10_000
     knn_dim: int = 384
-    budget_s: float = 450.0
+    budget_s: float = 420.0
     rows: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def quick(cls) -> Settings:
         return cls(arch="vit_tiny", out_dim=256, global_size=32, local_size=16, local_crops=2,
-                   batches=(2,), precisions=("bf16", "fp16"), compile_modes=(False,),
-                   warmup_steps=1, steps=1, extract_batch=4, extract_images=8,
-                   knn_train=1000, knn_val=100, knn_dim=32)
+                   batches=(4,), precisions=("bf16",), compile_modes=(False,), warmup_steps=1, steps=2,
+                   files=24, file_size=(64, 48), e2e_batch=4, e2e_steps=2, workers=1, extract_batch=8,
+                   extract_resize=40, knn_train=1000, knn_val=100, knn_dim=32)
 
 
 def synchronize(device: torch.device) -> None:
@@ -99,20 +119,89 @@ def write_images(folder: Path, n: int, size: int, suffix: str = ".jpg") -> Path:
     return folder
 
 
+def _write_jpeg(args: tuple[Path, int, int, int]) -> None:
+    path, seed, width, height = args
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+    pixels = np.asarray(coarse, dtype=np.float32) + rng.normal(0, 8, (height, width, 3))
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def write_jpegs(folder: Path, n: int, size: tuple[int, int], workers: int) -> Path:
+    """``n`` generated ``width x height`` photos-like JPEGs (smooth colour fields plus grain)."""
+    from multiprocessing import Pool
+
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = [(folder / f"{i:05d}.jpg", i, *size) for i in range(n)]
+    if workers > 1:
+        with Pool(workers) as pool:
+            pool.map(_write_jpeg, jobs, chunksize=64)
+    else:
+        for job in jobs:
+            _write_jpeg(job)
+    return folder
+
+
+def backbone_flops(backbone: torch.nn.Module, size: int) -> float | None:
+    """Forward FLOPs of one ``size`` px image through a dinocli ViT (None for other backbones):
+    every token through each block's weight matrices, attention scores and mixing
+    (``4 n^2 d`` per block), and the patch embedding."""
+    blocks, patch = getattr(backbone, "blocks", None), getattr(backbone, "patch_size", None)
+    if blocks is None or patch is None:
+        return None
+    n = (size // patch) ** 2 + 1
+    d = int(backbone.embed_dim)
+    weights = sum(p.numel() for p in blocks.parameters() if p.ndim == 2)
+    embed = sum(p.numel() for p in backbone.patch_embed.parameters() if p.ndim == 4)
+    return 2.0 * n * weights + len(blocks) * 4.0 * n * n * d + 2.0 * (n - 1) * embed
+
+
+def train_flops_per_image(trainer: Trainer, s: Settings) -> float | None:
+    """FLOPs of one image in a training step: the student's forward and backward (3x forward) on
+    every crop, the teacher's forward on the global crops, the heads on each embedding."""
+    backbone = trainer.student.backbone
+    g, l = backbone_flops(backbone, s.global_size), backbone_flops(backbone, s.local_size)
+    if g is None or l is None:
+        return None
+    head = 2.0 * sum(p.numel() for p in trainer.student.head.parameters() if p.ndim == 2)
+    crops = 2 * g + s.local_crops * l + (2 + s.local_crops) * head
+    return 3 * crops + 2 * (g + head)
+
+
+def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+
+
+def _mfu(images_per_s: float, flops: float | None, peak: float | None) -> float | None:
+    return images_per_s * flops / peak if flops and peak else None
+
+
+def _train_config(s: Settings, device: torch.device, data: Path, out: Path, batch: int, precision: str,
+                  compiled: bool, augment_on: str = "cpu", workers: int = 0):
+    return resolve_config(overrides=dict(
+        data=str(data), output=str(out), arch=s.arch, patch_size=s.patch_size,
+        out_dim=s.out_dim, global_crop_size=s.global_size, local_crop_size=s.local_size,
+        local_crops_number=s.local_crops, batch_size=batch, epochs=10, warmup_epochs=1,
+        precision=precision, device=str(device), compile=compiled, progress=False,
+        num_workers=workers, augment_on=augment_on,
+    ))
+
+
 def bench_training(s: Settings, device: torch.device, batch: int, precision: str, compiled: bool,
                    workdir: Path) -> dict[str, Any]:
     """Images/s and peak memory of ``Trainer.step`` on synthetic multi-crop batches."""
     images = workdir / f"train-{batch}"
     if not images.exists():
         write_images(images, batch, 8, ".png")  # the trainer wants one global batch of files
-    cfg = resolve_config(overrides=dict(
-        data=str(images), output=str(workdir / "run"), arch=s.arch, patch_size=s.patch_size,
-        out_dim=s.out_dim, global_crop_size=s.global_size, local_crop_size=s.local_size,
-        local_crops_number=s.local_crops, batch_size=batch, epochs=10, warmup_epochs=1,
-        precision=precision, device=str(device), compile=compiled, progress=False, num_workers=0,
-    ))
+    cfg = _train_config(s, device, images, workdir / "run", batch, precision, compiled)
     reset_memory(device)
     trainer = Trainer(cfg, ProcessGroup(), device, precision, display_rich=False)
+    flops = train_flops_per_image(trainer, s)
     g = torch.Generator().manual_seed(0)
     views = [torch.randn(batch, 3, s.global_size, s.global_size, generator=g) for _ in range(2)]
     views += [torch.randn(batch, 3, s.local_size, s.local_size, generator=g) for _ in range(s.local_crops)]
@@ -136,12 +225,37 @@ def bench_training(s: Settings, device: torch.device, batch: int, precision: str
     del trainer, views
     reset_memory(device)
     return {"images_per_s": batch * s.steps / seconds, "peak_memory_mb": memory,
-            "warmup_s": warmup_s, "loss": loss}
+            "warmup_s": warmup_s, "loss": loss, "flops_per_image": flops}
+
+
+def bench_end_to_end(s: Settings, device: torch.device, files: Path, augment_on: str, precision: str,
+                     workdir: Path) -> dict[str, Any]:
+    """Images/s from JPEG files to the end of ``Trainer.step`` (``dinocli.bench.end_to_end_rate``)."""
+    from dinocli.bench import end_to_end_rate
+    from dinocli.data.multicrop_dataset import MultiCropDataset
+
+    cfg = _train_config(s, device, files, workdir / f"run-{augment_on}", s.e2e_batch, precision, False,
+                        augment_on, s.workers)
+    reset_memory(device)
+    trainer = Trainer(cfg, ProcessGroup(), device, precision, display_rich=False)
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = 1e-4
+    try:
+        dataset = MultiCropDataset(trainer.paths, trainer.augmentation, seed=0, on_device=augment_on == "gpu")
+        rate = end_to_end_rate(trainer, dataset, s.workers, s.e2e_batch, s.e2e_steps)
+        flops = train_flops_per_image(trainer, s)
+    finally:
+        trainer.close()
+    memory = peak_memory_mb(device)
+    del trainer
+    reset_memory(device)
+    return {"images_per_s": rate, "peak_memory_mb": memory, "flops_per_image": flops, "workers": s.workers}
 
 
 @torch.no_grad()
-def bench_extract(s: Settings, device: torch.device, precision: str, workdir: Path) -> dict[str, Any]:
-    """Backbone forward images/s on tensors, and ``extract_features`` images/s on JPEG files."""
+def bench_extract(s: Settings, device: torch.device, precision: str, files: Path) -> dict[str, Any]:
+    """Backbone forward images/s on tensors, and ``extract_features`` images/s from the JPEG files
+    with decoding on the device (CUDA only) and in the workers."""
     model = create_backbone(s.arch, patch_size=s.patch_size, img_size=s.global_size).to(device).eval()
     x = torch.randn(s.extract_batch, 3, s.global_size, s.global_size, device=device)
     with autocast(precision, device):
@@ -152,15 +266,16 @@ def bench_extract(s: Settings, device: torch.device, precision: str, workdir: Pa
         for _ in range(iters):
             embed(model, x)
         synchronize(device)
-    forward = s.extract_batch * iters / (time.perf_counter() - start)
-    files = sorted(write_images(workdir / "extract", s.extract_images, s.global_size + 32).iterdir())
-    workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
-    start = time.perf_counter()
-    extract_features(model, files, resize=s.global_size + 32, crop_size=s.global_size,
-                     batch_size=s.extract_batch, num_workers=workers, precision=precision)
-    synchronize(device)
-    end_to_end = len(files) / (time.perf_counter() - start)
-    return {"forward_images_per_s": forward, "files_images_per_s": end_to_end, "workers": workers}
+    out: dict[str, Any] = {"forward_images_per_s": s.extract_batch * iters / (time.perf_counter() - start)}
+    paths = sorted(files.iterdir())
+    for on_device in ((True, False) if device.type == "cuda" else (False, True)):
+        start = time.perf_counter()
+        extract_features(model, paths, resize=s.extract_resize, crop_size=s.global_size,
+                         batch_size=s.extract_batch, num_workers=s.workers, precision=precision,
+                         decode_on_device=on_device)
+        synchronize(device)
+        out["device_decode" if on_device else "worker_decode"] = len(paths) / (time.perf_counter() - start)
+    return out
 
 
 def bench_knn(s: Settings, device: torch.device) -> dict[str, Any]:
@@ -188,22 +303,39 @@ def machine(device: torch.device) -> str:
             f"{os.cpu_count()} CPUs; torch {torch.__version__}{cuda}")
 
 
-def run(s: Settings, device: torch.device, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Every measurement as table rows; stops adding training rows when the time budget is spent."""
+def run(s: Settings, device: torch.device, peak: float | None = None,
+        log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Every measurement as table rows; training rows stop when the time budget is spent."""
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
+    crops = f"2x{s.global_size}+{s.local_crops}x{s.local_size}"
+    low = "bf16" if device.type == "cuda" else "fp32"
+
+    def train_row(name: str, r: dict[str, Any]) -> dict[str, Any]:
+        mfu = _mfu(r["images_per_s"], r["flops_per_image"], peak)
+        mem = f", peak {r['peak_memory_mb']:.0f} MiB" if r["peak_memory_mb"] else ""
+        extra = f", MFU {100 * mfu:.1f}%" if mfu is not None else ""
+        warm = f" (warm-up {r['warmup_s']:.0f}s)" if "warmup_s" in r else ""
+        return {"what": name, **r, "mfu": mfu, "result": f"{r['images_per_s']:.0f} img/s{extra}{mem}{warm}"}
+
+    def budget_left(name: str) -> bool:
+        if time.perf_counter() - started <= s.budget_s:
+            return True
+        rows.append({"what": name, "result": "skipped (time budget spent)"})
+        return False
+
     with tempfile.TemporaryDirectory(prefix="dinocli-gpu-bench-") as tmp:
         workdir = Path(tmp)
+        log(f"... writing {s.files} JPEGs of {s.file_size[0]}x{s.file_size[1]}")
+        files = write_jpegs(workdir / "jpeg", s.files, s.file_size, s.workers)
         for compiled in s.compile_modes:
             for precision in s.precisions:
                 for batch in s.batches:
-                    name = (f"train {s.arch}/{s.patch_size} 2x{s.global_size}+{s.local_crops}x{s.local_size}"
-                            f" b{batch} {precision}{' compile' if compiled else ''}")
-                    if precision == "fp16" and device.type != "cuda":
-                        rows.append({"what": name, "result": "skipped (fp16 needs CUDA)"})
-                        continue
-                    if time.perf_counter() - started > s.budget_s:
-                        rows.append({"what": name, "result": "skipped (time budget spent)"})
+                    if device.type != "cuda":
+                        precision = "fp32"  # what a CPU trains in
+                    name = (f"train step {s.arch}/{s.patch_size} {crops} b{batch} {precision}"
+                            f"{' compile' if compiled else ''}, synthetic tensors")
+                    if not budget_left(name):
                         continue
                     log(f"... {name}")
                     try:
@@ -212,20 +344,29 @@ def run(s: Settings, device: torch.device, log: Callable[[str], None] = print) -
                         rows.append({"what": name, "result": "out of memory"})
                         reset_memory(device)
                         continue
-                    mem = f", peak {r['peak_memory_mb']:.0f} MiB" if r["peak_memory_mb"] else ""
-                    rows.append({"what": name, **r,
-                                 "result": f"{r['images_per_s']:.0f} img/s{mem} (warm-up {r['warmup_s']:.0f}s)"})
-        precision = "bf16" if device.type == "cuda" else "fp32"
+                    rows.append(train_row(name, r))
+        for augment_on in ("cpu", "gpu"):
+            name = (f"train end to end from {s.file_size[0]}x{s.file_size[1]} JPEGs, {crops} b{s.e2e_batch} {low},"
+                    f" --augment-on {augment_on}, {s.workers} workers")
+            if not budget_left(name):
+                continue
+            log(f"... {name}")
+            rows.append(train_row(name, bench_end_to_end(s, device, files, augment_on, low, workdir)))
         log("... extract")
-        e = bench_extract(s, device, precision, workdir)
-        rows.append({"what": f"extract {s.arch}/{s.patch_size} {s.global_size}px forward {precision}", **e,
+        e = bench_extract(s, device, low, files)
+        rows.append({"what": f"extract {s.arch}/{s.patch_size} {s.global_size}px forward {low}", **e,
                      "result": f"{e['forward_images_per_s']:.0f} img/s"})
-        rows.append({"what": f"extract_features from JPEG files, {e['workers']} workers",
-                     "result": f"{e['files_images_per_s']:.0f} img/s"})
+        where = "GPU" if device.type == "cuda" else device.type
+        rows.append({"what": f"extract_features from JPEG files, decode+resize on the {where}, {s.workers} workers",
+                     "result": f"{e['device_decode']:.0f} img/s"})
+        rows.append({"what": f"extract_features from JPEG files, decode+resize in the workers (PIL), {s.workers} workers",
+                     "result": f"{e['worker_decode']:.0f} img/s"})
         log("... k-NN")
         k = bench_knn(s, device)
         rows.append({"what": f"k-NN {s.knn_train}x{s.knn_val}x{s.knn_dim}, k=10/20/100/200", **k,
                      "result": f"{k['seconds']:.2f} s ({k['backend']}), top-1 k=20 {k['top1_k20']:.1f}%"})
+    if device.type == "cuda":
+        rows.append({"what": "peak GPU memory of the run", "result": f"{peak_memory_mb(device):.0f} MiB"})
     return rows
 
 
@@ -244,6 +385,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, help="timed training steps per row (default 10)")
     parser.add_argument("--budget-s", type=float, help="training rows stop after this many seconds (450)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--files", type=int, help="generated JPEG files (default 4096)")
+    parser.add_argument("--workers", type=int, help="data-loading workers (default min(16, CPUs))")
+    parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the device, for the MFU")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     if device.type == "cuda":  # the memory statistics need the allocator CUDA sets up lazily
@@ -258,8 +402,13 @@ def main(argv: list[str] | None = None) -> None:
         s.steps = args.steps
     if args.budget_s is not None:
         s.budget_s = args.budget_s
+    if args.files:
+        s.files = args.files
+    if args.workers is not None:
+        s.workers = args.workers
+    peak = peak_flops(device, args.peak_tflops)
     start = time.perf_counter()
-    rows = run(s, device)
+    rows = run(s, device, peak)
     print(table(rows, f"dinocli GPU benchmark -- {machine(device)} ({time.perf_counter() - start:.0f} s)"))
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(device), "rows": rows}, indent=2, default=str))

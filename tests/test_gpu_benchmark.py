@@ -1,0 +1,43 @@
+"""benchmarks/gpu.py: its FLOP count against the published figure, and its smoke mode on the CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from dinocli import create_backbone
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_vit_small_forward_flops_are_the_published_4_6_gmacs():
+    gpu = load_script()
+    flops = gpu.backbone_flops(create_backbone("vit_small", patch_size=16), 224)
+    assert flops == pytest.approx(2 * 4.6e9, rel=0.02)  # DeiT-S / ViT-S/16 at 224 px: 4.6 GMACs
+
+
+@pytest.mark.slow
+def test_quick_run_on_the_cpu_measures_every_row(tmp_path):
+    out = tmp_path / "gpu.json"
+    load_script().main(["--device", "cpu", "--quick", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    names = [r["what"] for r in rows]
+    assert any(n.startswith("train step") for n in names)
+    assert sum("train end to end" in n for n in names) == 2
+    assert sum(n.startswith("extract_features from JPEG") for n in names) == 2
+    assert any(n.startswith("k-NN") for n in names)
+    for r in rows:
+        if "images_per_s" in r:
+            assert r["images_per_s"] > 0 and r["flops_per_image"] > 0 and r["mfu"] is None  # no peak on a CPU
