@@ -14,7 +14,7 @@ from dinocli.cli.app import command
 @command(
     name="bench",
     rich_help_panel="Train",
-    short_help="What limits training on this machine: decoding, augmentation or the model (and end to end).",
+    short_help="What limits training here: decoding, augmentation or the model; the end-to-end rate.",
     examples=("dino bench --data ~/images", "dino bench --data ~/images --arch vit_small --device cuda"),
 )
 def bench_command(
