@@ -327,22 +327,3 @@ def test_nproc_per_node_is_refused_inside_torchrun(images, tmp_path, cli, monkey
     assert result.exit_code == 2
     assert "cannot be used under torchrun" in result.output
 
-
-def test_gpu_benchmark_runs_in_quick_mode_on_the_cpu(tmp_path, capsys, monkeypatch):
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
-    spec = importlib.util.spec_from_file_location("gpu_benchmark", path)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up
-    spec.loader.exec_module(bench)
-    bench.main(["--quick", "--device", "cpu", "--json", str(tmp_path / "gpu.json")])
-    out = capsys.readouterr().out
-    assert "dinocli GPU benchmark" in out and "no GPU" in out
-    rows = {r["what"]: r for r in json.loads((tmp_path / "gpu.json").read_text())["rows"]}
-    train = rows["train vit_tiny/16 2x32+2x16 b2 bf16"]
-    assert train["images_per_s"] > 0 and np.isfinite(train["loss"])
-    assert rows["train vit_tiny/16 2x32+2x16 b2 fp16"]["result"] == "skipped (fp16 needs CUDA)"
-    knn = next(r for name, r in rows.items() if name.startswith("k-NN"))
-    assert knn["backend"] == "faiss-cpu" and knn["top1_k20"] > 50  # well separated clusters
-    assert any(name.startswith("extract_features") for name in rows)

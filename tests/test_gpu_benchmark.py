@@ -28,10 +28,10 @@ def test_vit_small_forward_flops_are_the_published_4_6_gmacs():
     assert flops == pytest.approx(2 * 4.6e9, rel=0.02)  # DeiT-S / ViT-S/16 at 224 px: 4.6 GMACs
 
 
-@pytest.mark.slow
-def test_quick_run_on_the_cpu_measures_every_row(tmp_path):
+def test_quick_run_on_the_cpu_measures_every_row(tmp_path, capsys):
     out = tmp_path / "gpu.json"
     load_script().main(["--device", "cpu", "--quick", "--json", str(out)])
+    assert "dinocli GPU benchmark" in capsys.readouterr().out
     rows = json.loads(out.read_text())["rows"]
     names = [r["what"] for r in rows]
     assert any(n.startswith("train step") for n in names)
@@ -41,3 +41,7 @@ def test_quick_run_on_the_cpu_measures_every_row(tmp_path):
     for r in rows:
         if "images_per_s" in r:
             assert r["images_per_s"] > 0 and r["flops_per_image"] > 0 and r["mfu"] is None  # no peak on a CPU
+    knn = next(r for r in rows if r["what"].startswith("k-NN"))
+    assert knn["backend"] == "faiss-cpu" and knn["top1_k20"] > 50  # well separated clusters
+    train = next(r for r in rows if r["what"].startswith("train step"))
+    assert train["loss"] == pytest.approx(train["loss"]) and 0 < train["loss"] < 20  # finite, about log(K)
