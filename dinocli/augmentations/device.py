@@ -31,6 +31,7 @@ from PIL import Image
 
 from dinocli.augmentations.gpu import ColourParams, colour_batch, normalize
 from dinocli.augmentations.params import ViewParams
+from dinocli.data.images import read_image_bytes
 
 #: Half-width, in source pixels at reduction 1, of each antialiased filter (torch's and PIL's).
 FILTER_SUPPORT = {"bicubic": 2.0, "bilinear": 1.0}
@@ -172,8 +173,7 @@ def read_for_device(path, opened: Image.Image) -> torch.Tensor:
     (uint8 1-d) when the device can decode it (a baseline or progressive RGB/grey JPEG), else its
     RGB pixels decoded here (``[3, H, W]``)."""
     if opened.format == "JPEG" and opened.mode in ("RGB", "L"):
-        with open(path, "rb") as f:
-            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        return torch.frombuffer(bytearray(read_image_bytes(path)), dtype=torch.uint8)
     return pixels(opened)
 
 

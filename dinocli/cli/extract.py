@@ -108,7 +108,14 @@ NumWorkers = Annotated[
     ),
 )
 def extract_command(
-    data: Annotated[Path, typer.Option("--data", "-d", help="Image folder: <class>/<image> or any tree.")],
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Image folder (<class>/<image> or any tree) or tar shards (s-{000..099}.tar, a .tar, a folder of .tar).",
+        ),
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Features file to write (.safetensors).")],
     weights: Weights = None,
     checkpoint_key: CheckpointKey = "teacher",
@@ -212,8 +219,8 @@ def load_model(
 
 
 def check_before_loading(data: Path, options: dict[str, Any]) -> tuple[list[Path], list[int], list[str]]:
-    """Check the data folder and options before the (slow) model load; returns ``image_folder(data)``."""
-    from dinocli.data import image_folder
+    """Check the data and options before the (slow) model load; returns ``list_labelled_images(data)``."""
+    from dinocli.data import list_labelled_images
     from dinocli.evaluate.extract import check_options
     from dinocli.runtime import resolve_device, resolve_precision
 
@@ -225,7 +232,7 @@ def check_before_loading(data: Path, options: dict[str, Any]) -> tuple[list[Path
         options["num_workers"] or 0,
     )
     resolve_precision(options["precision"], resolve_device(options["device"]))
-    return image_folder(data)
+    return list_labelled_images(data)
 
 
 def extract_with_progress(
@@ -237,10 +244,10 @@ def extract_with_progress(
     **options: Any,
 ) -> Any:
     """:func:`dinocli.evaluate.extract_folder` with a progress bar (images/s) on stderr."""
-    from dinocli.data import image_folder
+    from dinocli.data import list_labelled_images
     from dinocli.evaluate.extract import default_num_workers, extract_features
 
-    paths, labels, classes = images if images is not None else image_folder(data)
+    paths, labels, classes = images if images is not None else list_labelled_images(data)
     workers = default_num_workers() if num_workers is None else num_workers
     workers = min(workers, max(0, (len(paths) - 1) // max(1, options.get("batch_size", 1))))
     with progress_bar(f"extracting {data}", len(paths)) as advance:

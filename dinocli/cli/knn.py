@@ -61,10 +61,10 @@ def knn_command(
     per_class: Annotated[bool, typer.Option("--per-class", help="Add per-class top-1 accuracy.")] = False,
     weights: Weights = None,
     train_data: Annotated[
-        Path | None, typer.Option("--train-data", help="One-step form: train image folder to extract first.")
+        Path | None, typer.Option("--train-data", help="One-step form: train image folder (or tar shards) to extract first.")
     ] = None,
     val_data: Annotated[
-        Path | None, typer.Option("--val-data", help="One-step form: val image folder to extract first.")
+        Path | None, typer.Option("--val-data", help="One-step form: val image folder (or tar shards) to extract first.")
     ] = None,
     checkpoint_key: CheckpointKey = "teacher",
     arch: Arch = None,

@@ -1,17 +1,25 @@
-"""Image data: finding and decoding image files (:mod:`.images`), the training data set of
-multi-crop views (:mod:`.multicrop_dataset`) and the built-in demo data set (:mod:`.demo_set`).
+"""Image data: finding and decoding image files (:mod:`.images`), tar shards (:mod:`.shards`),
+the training data set of multi-crop views (:mod:`.multicrop_dataset`) and the built-in demo data
+set (:mod:`.demo_set`).
 
-The names of :mod:`.images` are importable from here: ``from dinocli.data import find_images``.
+The names of :mod:`.images` and the ``--data`` readers of :mod:`.shards` are importable from
+here: ``from dinocli.data import find_images, list_images``.
 """
 
 from dinocli.data.images import (
     IMAGE_EXTENSIONS,
     find_images,
+    image_file,
     image_folder,
     load_rgb,
     open_rgb,
+    read_image_bytes,
     resolve_data,
     to_rgb,
 )
+from dinocli.data.shards import ShardMember, list_images, list_labelled_images, write_shards
 
-__all__ = ["IMAGE_EXTENSIONS", "find_images", "image_folder", "load_rgb", "open_rgb", "resolve_data", "to_rgb"]
+__all__ = [
+    "IMAGE_EXTENSIONS", "ShardMember", "find_images", "image_file", "image_folder", "list_images",
+    "list_labelled_images", "load_rgb", "open_rgb", "read_image_bytes", "resolve_data", "to_rgb", "write_shards",
+]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import os
 from pathlib import Path
+from typing import IO, Any
 
 from PIL import Image
 
@@ -55,9 +58,21 @@ def image_folder(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
     return images, [index[p.relative_to(root).parts[0]] for p in images], classes
 
 
-def open_rgb(path: str | Path) -> Image.Image:
-    """Decode ``path`` as an RGB image, whatever its mode (grayscale, RGBA, palette, CMYK, 16-bit)."""
-    with Image.open(path) as img:
+def image_file(item: str | Path | Any) -> str | Path | IO[bytes]:
+    """What ``Image.open`` reads for an image of ``--data``: a file name as it is, a member of a
+    tar shard (:class:`~dinocli.data.shards.ShardMember`) as its bytes in memory."""
+    return item if isinstance(item, (str, os.PathLike)) else io.BytesIO(item.read_bytes())
+
+
+def read_image_bytes(item: str | Path | Any) -> bytes:
+    """The encoded bytes of an image file or of a tar shard member."""
+    return Path(item).read_bytes() if isinstance(item, (str, os.PathLike)) else item.read_bytes()
+
+
+def open_rgb(path: str | Path | Any) -> Image.Image:
+    """Decode ``path`` (a file or a tar shard member) as an RGB image, whatever its mode
+    (grayscale, RGBA, palette, CMYK, 16-bit)."""
+    with Image.open(image_file(path)) as img:
         img.load()
         return to_rgb(img)
 

@@ -14,8 +14,9 @@ is decoded, so a large JPEG is decoded at reduced size when every crop allows it
 on the training device (:class:`~dinocli.augmentations.device.EncodedBatch`). Other augmentations
 get the decoded RGB image.
 
+``paths`` may be files or members of tar shards (:class:`~dinocli.data.shards.ShardMember`).
 Undecodable images are skipped (the item is ``None``, and :func:`collate_multicrop` drops it and
-counts it) or stop the run with a :class:`BadImageError` naming the file.
+counts it) or stop the run with a :class:`BadImageError` naming the file (``SHARD:MEMBER``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from torch.utils.data import Dataset
 
 from dinocli.augmentations.device import EncodedBatch, EncodedViews, read_for_device, view_boxes
 from dinocli.augmentations.gpu import ColourParams
-from dinocli.data.images import load_rgb, open_rgb
+from dinocli.data.images import image_file, load_rgb, open_rgb
+from dinocli.data.shards import ShardMember, as_image
 from dinocli.errors import DinoError, UsageError
 from dinocli.interfaces import Augmentation
 
@@ -78,7 +80,7 @@ class MultiCropDataset(Dataset):
 
     def __init__(
         self,
-        paths: Sequence[str | Path],
+        paths: Sequence[str | Path | ShardMember],
         augmentation: Augmentation,
         seed: int = 0,
         on_bad_image: OnBadImage = "skip",
@@ -95,7 +97,7 @@ class MultiCropDataset(Dataset):
             raise UsageError(f"on_bad_image must be 'skip' or 'fail', got {on_bad_image!r}")
         if not paths:
             raise UsageError("the training data set has no images")
-        self.paths = [Path(p) for p in paths]
+        self.paths = [as_image(p) for p in paths]
         self.augmentation = augmentation
         self.seed = int(seed)
         self.on_bad_image = on_bad_image
@@ -129,7 +131,7 @@ class MultiCropDataset(Dataset):
                 if not self.plans:
                     image = open_rgb(path)
                 elif self.on_device:  # the device decodes, crops and colours
-                    with Image.open(path) as opened:
+                    with Image.open(image_file(path)) as opened:
                         params = aug.plan(opened.size, generator)
                         data = read_for_device(path, opened)
                     sizes = tuple(spec.size for spec in aug.specs)
@@ -139,7 +141,7 @@ class MultiCropDataset(Dataset):
                         self.on_bad_image,
                     )  # fmt: skip
                 else:
-                    with Image.open(path) as opened:
+                    with Image.open(image_file(path)) as opened:
                         width = opened.width
                         params = aug.plan(opened.size, generator)  # parameters first: the size is enough
                         image = load_rgb(opened, aug.draft_factor(params))

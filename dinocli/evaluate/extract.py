@@ -24,7 +24,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from dinocli.data import image_folder, open_rgb
+from dinocli.data import ShardMember, image_file, list_labelled_images, open_rgb
+from dinocli.data.shards import as_image
 from dinocli.errors import DinoError, UsageError
 from dinocli.evaluate.features_io import Features
 from dinocli.runtime import autocast, resolve_device, resolve_precision
@@ -138,7 +139,7 @@ class _Encoded(_Images):
         from dinocli.augmentations.device import read_for_device
 
         try:
-            with Image.open(self.paths[i]) as opened:
+            with Image.open(image_file(self.paths[i])) as opened:
                 return read_for_device(self.paths[i], opened)
         except Exception as exc:  # noqa: BLE001 - reported by the main process as one line
             return f"cannot read image {self.paths[i]}: {exc}"
@@ -201,7 +202,7 @@ def extract_features(
     ``decode_on_device``: decode, resize and crop on the device (default: on CUDA with a bicubic
     or bilinear resize); workers then only read files.
     """
-    paths = [Path(p) for p in paths]
+    paths = [as_image(p) for p in paths]
     if not paths:
         raise UsageError("no images to extract features from")
     labels_t = (
@@ -274,8 +275,9 @@ def extract_features(
 
 
 def extract_folder(model: nn.Module, root: str | Path, **options: Any) -> Features:
-    """:func:`extract_features` of every image under ``root`` (ImageFolder labels, or -1)."""
-    paths, labels, classes = image_folder(root)
+    """:func:`extract_features` of every image under ``root`` (ImageFolder labels, or -1), or of
+    the tar shards ``root`` names (see :mod:`dinocli.data.shards`)."""
+    paths, labels, classes = list_labelled_images(root)
     return extract_features(model, paths, labels, classes=classes, root=root, **options)
 
 
@@ -298,7 +300,9 @@ def _model_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def _relative(path: Path, root: str | Path | None) -> str:
+def _relative(path: Path | ShardMember, root: str | Path | None) -> str:
+    if isinstance(path, ShardMember):
+        return path.name  # the member: the path in the folder the shard was written from
     if root is not None:
         try:
             return path.relative_to(root).as_posix()

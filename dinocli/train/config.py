@@ -38,7 +38,10 @@ def _opt(default: Any, help: str, panel: str, **extra: Any) -> Any:
 class PretrainConfig:
     """Every option of ``dino pretrain``. See ``dino pretrain --help`` for each one's meaning."""
 
-    data: str = _opt("", "Folder of images (searched recursively), or 'demo' for the built-in set.", RUN)
+    data: str = _opt(
+        "", "Folder of images (searched recursively), tar shards (s-{000..099}.tar, a .tar, a folder of "
+        ".tar; see docs/data.md), or 'demo' for the built-in set.", RUN,
+    )
     output: str = _opt("", "Run folder: checkpoints, config.toml, metrics.jsonl.", RUN)
     recipe: str = _opt(
         "reference",
@@ -150,8 +153,8 @@ class PretrainConfig:
         0, "Every N epochs (and after the last), the teacher's k-NN top-1 (k=20) on --knn-train/"
         "--knn-val, computed as `dino knn` does; 0 disables.", MONITOR,
     )
-    knn_train: str = _opt("", "Labelled <class>/<image> folder: the k-NN monitor's train set.", MONITOR)
-    knn_val: str = _opt("", "Labelled <class>/<image> folder: the k-NN monitor's val set.", MONITOR)
+    knn_train: str = _opt("", "Labelled <class>/<image> folder or tar shards: the k-NN monitor's train set.", MONITOR)
+    knn_val: str = _opt("", "Labelled <class>/<image> folder or tar shards: the k-NN monitor's val set.", MONITOR)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (tuples as lists), as saved in config.toml and in checkpoints."""

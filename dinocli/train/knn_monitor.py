@@ -14,7 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from dinocli.data import image_folder
+from dinocli.data import list_labelled_images
+from dinocli.data.shards import shard_paths
 from dinocli.errors import UsageError
 from dinocli.evaluate.extract import reference_resize
 
@@ -44,9 +45,9 @@ class KnnMonitor:
         self.n_val = self._check(self.val, "--knn-val", minimum=1)
 
     def _check(self, root: Path, flag: str, minimum: int) -> int:
-        if not root.is_dir():
+        if not root.is_dir() and shard_paths(root) is None:
             raise UsageError(f"{flag} {root} is not a folder")
-        paths, labels, classes = image_folder(root)
+        paths, labels, classes = list_labelled_images(root)
         if not classes or (labels and min(labels) < 0):
             raise UsageError(
                 f"{flag} {root} has no class folders; k-NN monitoring needs <class>/<image> folders"

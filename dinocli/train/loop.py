@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 import dinocli
-from dinocli.data import find_images, resolve_data
+from dinocli.data import list_images
 from dinocli.distributed import (
     ProcessGroup,
     agree_on_step,
@@ -113,7 +113,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-        self.paths = find_images(resolve_data(cfg.data))
+        self.paths = list_images(cfg.data)  # image files, or the samples of tar shards
         self.augmentation = create_augmentation(
             cfg.augmentation,
             global_crops_scale=cfg.global_crops_scale,
