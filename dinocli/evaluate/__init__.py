@@ -1,4 +1,5 @@
-"""Evaluating frozen features: extraction (``dino extract``) and weighted k-NN (``dino knn``).
+"""Evaluating frozen features: extraction (``dino extract``), weighted k-NN (``dino knn``) and
+linear evaluation (``dino linear``).
 
 Reusable from Python, e.g. for k-NN monitoring during training::
 
@@ -31,9 +32,18 @@ from dinocli.evaluate.knn import (
     ranked_classes,
     weighted_vote,
 )
+from dinocli.evaluate.linear import (
+    LinearClassifier,
+    LinearReport,
+    linear_reference,
+    load_classifier,
+    save_classifier,
+)
+from dinocli.evaluate.linear_sweep import DEFAULT_LRS, linear_sweep
 
 __all__ = [
     "DEFAULT_KS",
+    "DEFAULT_LRS",
     "DEFAULT_TEMPERATURE",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -41,6 +51,8 @@ __all__ = [
     "IndexSpec",
     "KnnReport",
     "KnnResult",
+    "LinearClassifier",
+    "LinearReport",
     "embed",
     "eval_transform",
     "extract_features",
@@ -48,10 +60,14 @@ __all__ = [
     "backbone_for_eval",
     "knn_classify",
     "knn_features",
+    "linear_reference",
+    "linear_sweep",
+    "load_classifier",
     "load_features",
     "matched_eval_size",
     "ranked_classes",
     "reference_resize",
+    "save_classifier",
     "save_features",
     "weighted_vote",
 ]
