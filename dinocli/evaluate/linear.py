@@ -172,7 +172,7 @@ def train_linear(
     """
     check_recipe(epochs, batch_size, [lr], [weight_decay])
     dev = torch.device(device)
-    layer = torch.nn.Linear(dim, num_classes).to(dev)
+    layer = torch.nn.utils.skip_init(torch.nn.Linear, dim, num_classes, device=dev)  # no draw from the global RNG
     weight, bias = initial_weights(dim, num_classes, seed)
     with torch.no_grad():
         layer.weight.copy_(weight)
@@ -217,15 +217,20 @@ def check_recipe(epochs: int, batch_size: int, lrs: Iterable[float], weight_deca
         raise UsageError(f"weight decays must be 0 or more, got {min(weight_decays)}")
 
 
-def check_labelled(feats: Features, what: str) -> None:
-    """A clear error unless ``feats`` is a non-empty, finite, labelled set."""
-    if len(feats) == 0:
+def check_labels(labels: torch.Tensor, what: str) -> None:
+    """A clear error unless ``labels`` is a non-empty set of class indices (none -1)."""
+    if labels.numel() == 0:
         raise UsageError(f"the {what} set is empty")
-    if not feats.labelled:
+    if (labels < 0).any():
         raise UsageError(
-            f"the {what} set is unlabelled ({int((feats.labels < 0).sum())} labels are -1); linear "
+            f"the {what} set is unlabelled ({int((labels < 0).sum())} labels are -1); linear "
             "evaluation needs images in <class>/<image> folders"
         )
+
+
+def check_labelled(feats: Features, what: str) -> None:
+    """A clear error unless ``feats`` is a non-empty, finite, labelled set."""
+    check_labels(feats.labels, what)
     bad = ~torch.isfinite(feats.features)
     if bad.any():
         rows = bad.any(dim=1).nonzero().flatten()
@@ -245,17 +250,23 @@ def check_pair(train: Features, val: Features | None) -> tuple[int, list[str]]:
                 f"the train features are {train.dim}-dimensional but the val features are {val.dim}-dimensional; "
                 "extract both with the same backbone and options"
             )
-        if train.classes and val.classes and train.classes != val.classes:
-            raise UsageError(
-                f"the train and val sets have different classes ({_preview(train.classes)} vs {_preview(val.classes)})"
-            )
-    largest = int(train.labels.max()) + 1
+    return class_names(train.labels, train.classes, val)
+
+
+def class_names(labels: torch.Tensor, classes: list[str], val: Features | None) -> tuple[int, list[str]]:
+    """The number of classes and their names, from the train labels and classes (and val's); an error
+    where train and val name different classes or train has fewer than two."""
+    if val is not None and classes and val.classes and classes != val.classes:
+        raise UsageError(
+            f"the train and val sets have different classes ({_preview(classes)} vs {_preview(val.classes)})"
+        )
+    largest = int(labels.max()) + 1
     if val is not None:
         largest = max(largest, int(val.labels.max()) + 1)
-    names = list(train.classes or (val.classes if val is not None else []))
+    names = list(classes or (val.classes if val is not None else []))
     n_classes = max(largest, len(names))
     names += [str(i) for i in range(len(names), n_classes)]
-    present = int(torch.unique(train.labels).numel())
+    present = int(torch.unique(labels).numel())
     if present < 2:
         raise UsageError(f"the train set has images of {present} class; a classifier needs at least 2")
     return n_classes, names
@@ -399,7 +410,7 @@ def linear_reference(
         progress=progress,
     )
     return reference_report(
-        classifier, history, names, train, len(val), dev, time.perf_counter() - start,
+        classifier, history, names, feature_options(train), len(train), len(val), dev, time.perf_counter() - start,
         lr=lr, weight_decay=weight_decay, epochs=epochs, batch_size=batch_size, seed=seed, augmented=False,
     )  # fmt: skip
 
@@ -408,7 +419,8 @@ def reference_report(
     classifier: LinearClassifier,
     history: list[EpochResult],
     names: list[str],
-    train: Features,
+    features: dict[str, Any],
+    num_train: int,
     num_val: int,
     dev: torch.device,
     seconds: float,
@@ -430,7 +442,7 @@ def reference_report(
         "epochs": epochs,
         "batch_size": batch_size,
         "seed": seed,
-        "features": feature_options(train),
+        "features": features,
     }
     last = history[-1]
     best = max(history, key=lambda h: h.top1)
@@ -443,7 +455,7 @@ def reference_report(
         weight_decay=weight_decay,
         epochs=epochs,
         batch_size=batch_size,
-        num_train=len(train),
+        num_train=num_train,
         num_val=num_val,
         num_classes=len(names),
         seconds=seconds,
