@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from dinocli.data import find_images, open_rgb
+from dinocli.data import list_images, open_rgb
 from dinocli.errors import UsageError
 
 #: The keys ``dino bench --json`` prints, in this order.
@@ -190,7 +190,7 @@ def run_bench(
 
     if images < 1 or steps < 1 or batch_size < 1:
         raise UsageError("--images, --steps and --batch-size must be positive")
-    paths = find_images(data)
+    paths = list_images(data)  # files or tar shard members
     cpus = os.cpu_count() or 1
     workers = num_workers if num_workers >= 0 else min(10, cpus)
     batch_size = min(batch_size, len(paths))

@@ -132,7 +132,7 @@ def test_writer_refuses_two_images_with_one_key(tmp_path):
     _image(1).save(tmp_path / "d" / "x.jpg")
     with pytest.raises(UsageError, match="share the shard key 'x'"):
         write_shards(tmp_path / "d", str(tmp_path / "s-%d.tar"))
-    with pytest.raises(UsageError, match="printf number field"):
+    with pytest.raises(UsageError, match="needs one number field"):
         write_shards(tmp_path / "d", str(tmp_path / "s.tar"))
 
 
@@ -286,3 +286,42 @@ def test_pretraining_on_shards_equals_the_folder_and_resumes_exactly(folder, tmp
     b = torch.load(tmp_path / "shards" / "checkpoint.pth", weights_only=True)["teacher"]
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_shards_command_writes_what_it_says(folder, tmp_path, cli):
+    from dinocli.cli import app
+
+    done = cli.invoke(app, ["shards", "--data", str(folder), "--output", str(tmp_path / "s-%03d.tar"), "--max-count", "4"])
+    assert done.exit_code == 0, done.output
+    pattern = str(tmp_path / "s-{000..002}.tar")
+    assert f"wrote 3 shard(s); read them with --data '{pattern}'" in done.output
+    assert [m.read_bytes() for m in list_images(pattern)] == [p.read_bytes() for p in find_images(folder)]
+    done = cli.invoke(app, ["shards", "--data", str(folder), "--output", str(tmp_path / "s.tar")])
+    assert done.exit_code == 2 and "needs one number field" in done.output
+
+
+def test_benchmark_compares_folder_and_shards(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "shards.py"
+    out = tmp_path / "shards.json"
+    args = ["--generate", "24", "--per-shard", "10", "--rounds", "1", "--resize", "32", "--crop-size", "32",
+            "--num-workers", "0", "--json", str(out)]
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    assert figures["images"] == 24 and figures["shards"] == 3 and figures["identical_features"]
+    assert figures["folder_images_per_s"] > 0 and figures["shards_images_per_s"] > 0
+    assert "ratio shards / folder" in done.stdout and "machine:" in done.stdout
+
+
+def test_knn_monitor_takes_shards(folder, tmp_path):
+    from dinocli.train.knn_monitor import KnnMonitor
+
+    write_shards(folder, str(tmp_path / "s-%d.tar"), max_count=5)
+    monitor = KnnMonitor(str(tmp_path / "s-{0..1}.tar"), str(folder), every=1, crop_size=32, k=3)
+    assert (monitor.n_train, monitor.n_val) == (9, 9)
+    result = monitor.evaluate(_vit())
+    assert 0 <= result["knn_top1"] <= 100

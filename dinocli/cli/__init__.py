@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 # Each module adds its command; the order here is the order of the panels and commands in --help.
-from dinocli.cli import demo, pretrain, bench, report  # noqa: F401, I001  (Train)
+from dinocli.cli import demo, pretrain, bench, report, shards  # noqa: F401, I001  (Train)
 from dinocli.cli import extract, knn, linear  # noqa: F401  (Evaluate)
 from dinocli.cli import attn_maps, plugins  # noqa: F401  (Inspect)
 from dinocli.cli import export  # noqa: F401  (Models)

@@ -18,7 +18,7 @@ from dinocli.cli.app import command
     examples=("dino bench --data ~/images", "dino bench --data ~/images --arch vit_small --device cuda"),
 )
 def bench_command(
-    data: Annotated[Path, typer.Option("--data", help="Folder of training images (searched recursively).")],
+    data: Annotated[Path, typer.Option("--data", help="Folder of training images (searched recursively), or tar shards.")],
     arch: Annotated[str, typer.Option("--arch", help="Backbone to time (see `dino plugins`).")] = "vit_small",
     patch_size: Annotated[int, typer.Option("--patch-size", help="ViT patch size.")] = 16,
     out_dim: Annotated[int, typer.Option("--out-dim", help="Prototypes of the DINO head.")] = 65536,

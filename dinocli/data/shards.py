@@ -37,6 +37,7 @@ from dinocli.io import atomic_path
 IMAGE_MEMBER_EXTENSIONS = frozenset(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+_PRINTF = re.compile(r"%0?\d*d")
 
 
 class ShardMember(NamedTuple):
@@ -261,16 +262,12 @@ def write_shards(folder: str | Path, pattern: str, max_count: int = 10_000) -> l
     by its path relative to ``folder`` (so labels come from the class folders, as for the folder);
     dots inside a file's stem become ``_`` (WebDataset's key ends at the first dot). Members have
     mtime 0 and no owner: the same folder gives the same bytes. Each shard is written atomically.
-    Returns the shards written.
+    Returns the shards written; :func:`brace_pattern` names them all for ``--data``.
     """
     if max_count < 1:
         raise UsageError(f"max_count must be at least 1, got {max_count}")
-    try:
-        numbered = [pattern % 0, pattern % 1]
-    except (TypeError, ValueError):
-        raise UsageError(f"shard pattern needs one printf number field such as %06d: {pattern!r}") from None
-    if numbered[0] == numbered[1]:
-        raise UsageError(f"shard pattern needs one printf number field such as %06d: {pattern!r}")
+    if pattern.count("%") != 1 or not _PRINTF.search(pattern):
+        raise UsageError(f"the shard pattern needs one number field such as %06d: {pattern!r}")
     root = Path(folder)
     images = find_images(root)
     names = _member_names(root, images)
@@ -286,6 +283,16 @@ def write_shards(folder: str | Path, pattern: str, max_count: int = 10_000) -> l
                     tar.addfile(info, f)
         written.append(target)
     return written
+
+
+def brace_pattern(pattern: str, count: int) -> str:
+    """The brace pattern that names the ``count`` shards :func:`write_shards` wrote with ``pattern``:
+    ``"s-%06d.tar"``, 3 -> ``"s-{000000..000002}.tar"``."""
+    field = _PRINTF.search(pattern)
+    if field is None or count < 2:
+        return pattern % 0
+    numbers = field.group(0) % 0, field.group(0) % (count - 1)
+    return pattern[: field.start()] + "{%s..%s}" % numbers + pattern[field.end() :]
 
 
 def _member_names(root: Path, images: Sequence[Path]) -> list[str]:
@@ -307,6 +314,7 @@ __all__ = [
     "ShardMember",
     "ShardSample",
     "as_image",
+    "brace_pattern",
     "expand_braces",
     "index_shard",
     "index_shards",
