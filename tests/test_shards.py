@@ -21,6 +21,12 @@ from dinocli.data.shards import ShardMember, expand_braces, index_shard, shard_p
 from dinocli.errors import UsageError
 
 
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    """Shard indexes are cached under the test's own folder, not ~/.cache."""
+    monkeypatch.setenv("DINOCLI_CACHE", str(tmp_path / "cache"))
+
+
 def _image(seed: int, size: tuple[int, int] = (40, 36)) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
@@ -124,6 +130,23 @@ def test_shards_hold_the_folder_images_in_order(folder, tmp_path):
     # The same folder gives the same bytes.
     again = write_shards(folder, str(tmp_path / "again-%03d.tar"), max_count=4)
     assert [p.read_bytes() for p in again] == [p.read_bytes() for p in shards]
+
+
+def test_the_index_is_cached_until_the_shard_changes(folder, tmp_path):
+    shard = write_shards(folder, str(tmp_path / "s-%d.tar"))[0]
+    fresh = index_shard(shard, cache=False)
+    assert not (tmp_path / "cache").exists()
+    assert index_shard(shard) == fresh
+    (saved,) = (tmp_path / "cache" / "shard-index").glob("*.json")
+    # The next index comes from the cache file (here altered to prove it) ...
+    text = saved.read_text()
+    saved.write_text(text.replace('"cat/a.jpg"', '"cat/z.jpg"'))
+    assert index_shard(shard)[0].image.name == "cat/z.jpg"
+    # ... until the shard changes: then the headers are read again.
+    _tar(shard, [("new/1.jpg", _jpeg(0))])
+    assert [s.image.name for s in index_shard(shard)] == ["new/1.jpg"]
+    saved.write_text("{not json")
+    assert [s.image.name for s in index_shard(shard)] == ["new/1.jpg"]
 
 
 def test_writer_refuses_two_images_with_one_key(tmp_path):
