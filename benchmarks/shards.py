@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from augment import machine  # benchmarks/augment.py: the CPU and library versions
 from dinocli.data import find_images, list_images, write_shards
 from dinocli.evaluate.extract import backbone_for_eval, extract_features
 
@@ -44,18 +44,6 @@ def generate_jpegs(folder: Path, count: int, size: int = 224, seed: int = 0) -> 
         target.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels).save(target, quality=90)
     return folder
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs; torch {torch.__version__}, Pillow {Image.__version__}"
 
 
 def main() -> None:

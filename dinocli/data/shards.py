@@ -41,6 +41,7 @@ _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 _PRINTF = re.compile(r"%0?\d*d")
 _INDEX_VERSION = 1
+_MAX_RANGE = 1_000_000  # a longer brace range is a typo
 
 
 class ShardMember(NamedTuple):
@@ -96,6 +97,8 @@ def _alternatives(body: str, pattern: str) -> list[str]:
         padded = any(len(b.lstrip("-")) > 1 and b.lstrip("-").startswith("0") for b in (lo, hi))
         width = max(len(lo), len(hi)) if padded else 0
         step = 1 if int(hi) >= int(lo) else -1
+        if abs(int(hi) - int(lo)) >= _MAX_RANGE:
+            raise UsageError(f"{{{body}}} in {pattern!r} names more than {_MAX_RANGE:,} shards")
         return [f"{n:0{width}d}" for n in range(int(lo), int(hi) + step, step)]
     if "," in body:
         return body.split(",")
