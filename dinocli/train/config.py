@@ -155,6 +155,10 @@ class PretrainConfig:
     )
     knn_train: str = _opt("", "Labelled <class>/<image> folder or tar shards: the k-NN monitor's train set.", MONITOR)
     knn_val: str = _opt("", "Labelled <class>/<image> folder or tar shards: the k-NN monitor's val set.", MONITOR)
+    linear_every: int = _opt(
+        0, "Every N epochs (a multiple of --knn-every), also the linear-probe top-1 on the k-NN monitor's "
+        "features (`dino linear`'s fast 13-lr sweep, seconds); 0 disables.", MONITOR,
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (tuples as lists), as saved in config.toml and in checkpoints."""
@@ -244,13 +248,14 @@ def resolve_config(
 def recipe_values(name: str, explicit: dict[str, Any]) -> dict[str, tuple[Any, str]]:
     """What recipe ``name`` sets, as ``{option: (value, reason)}``, for the data and epochs given."""
     from dinocli.data import resolve_data
+    from dinocli.data.shards import shard_paths
     from dinocli.recipes import describe_data
     from dinocli.registry import get_registry
 
     entry = get_registry().get("recipes", name)
     context: dict[str, Any] = {"epochs": explicit.get("epochs"), "n_images": None, "image_size": None}
     data = resolve_data(explicit["data"]) if name != "reference" and explicit.get("data") else None
-    if data is not None and data.is_dir():
+    if data is not None and (data.is_dir() or shard_paths(data) is not None):
         stats = describe_data(data)
         context.update(n_images=stats.n_images, image_size=stats.image_size)
     try:
@@ -309,6 +314,11 @@ def validate(cfg: PretrainConfig) -> None:
         raise UsageError("--knn-every needs both --knn-train DIR and --knn-val DIR (labelled folders)")
     if (cfg.knn_train or cfg.knn_val) and not cfg.knn_every:
         raise UsageError("--knn-train/--knn-val are used only with --knn-every N (epochs); add it")
+    if cfg.linear_every < 0:
+        raise UsageError(f"--linear-every must not be negative, got {cfg.linear_every}")
+    if cfg.linear_every and (not cfg.knn_every or cfg.linear_every % cfg.knn_every):
+        raise UsageError("--linear-every N runs on the k-NN monitor's features: give --knn-every M "
+                         "(with --knn-train/--knn-val) where N is a multiple of M")
     for name, f in FIELDS.items():
         choices = f.metadata.get("choices")
         if choices and getattr(cfg, name) not in choices:

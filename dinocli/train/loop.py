@@ -215,7 +215,7 @@ class Trainer:
         )
         self.knn = KnnMonitor(
             cfg.knn_train, cfg.knn_val, cfg.knn_every, cfg.global_crop_size, batch_size=cfg.batch_size,
-            num_workers=max(cfg.num_workers, 0), precision=precision,
+            num_workers=max(cfg.num_workers, 0), precision=precision, linear_every=cfg.linear_every,
         ) if cfg.knn_every else None
         self._last_knn: dict[str, float] = {}
         self._interrupted = False
@@ -512,6 +512,7 @@ class Trainer:
         self.display.log(
             f"k-NN top-1 (k={result['knn_k']}) of the teacher after epoch {self.epoch}: "
             f"{result['knn_top1']:.2f}% ({result['knn_time_s']:.1f}s)"
+            + (f"; linear top-1 {result['linear_top1']:.2f}%" if "linear_top1" in result else "")
         )
         return record
 
