@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -126,15 +125,10 @@ def evaluate_backbone(name: str, model: nn.Module, args: argparse.Namespace) -> 
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    """The CPU and library versions (as benchmarks/augment.py prints them), and the threads in use."""
+    from augment import machine as cpu_and_versions  # benchmarks/ is on sys.path when run as a script
+
+    return f"{cpu_and_versions()}; {torch.get_num_threads()} threads"
 
 
 def main() -> None:

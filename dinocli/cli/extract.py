@@ -97,6 +97,31 @@ NumWorkers = Annotated[
     ),
 ]
 
+# The two input forms of ``dino knn`` and ``dino linear``: features files, or image folders to extract first.
+TrainFeatures = Annotated[Path | None, typer.Option("--train", help="Train features (from 'dino extract').")]
+ValFeatures = Annotated[Path | None, typer.Option("--val", help="Val features (from 'dino extract').")]
+TrainData = Annotated[
+    Path | None,
+    typer.Option("--train-data", help="One-step form: train image folder (or tar shards) to extract first."),
+]
+ValData = Annotated[
+    Path | None, typer.Option("--val-data", help="One-step form: val image folder (or tar shards) to extract first.")
+]
+
+
+def input_form(train: Path | None, val: Path | None, train_data: Path | None, val_data: Path | None) -> str | None:
+    """``"files"`` (``--train``/``--val``), ``"images"`` (``--train-data``/``--val-data``) or ``None``
+    (neither); a one-line error for a mix of the two forms or half a pair."""
+    from_files = train is not None or val is not None
+    from_images = train_data is not None or val_data is not None
+    if from_files and from_images:
+        raise UsageError("give either --train/--val (features files) or --train-data/--val-data (image folders)")
+    if from_files and (train is None or val is None):
+        raise UsageError("give both --train and --val features files")
+    if from_images and (train_data is None or val_data is None):
+        raise UsageError("give both --train-data and --val-data image folders")
+    return "files" if from_files else "images" if from_images else None
+
 
 @command(
     name="extract",

@@ -30,9 +30,14 @@ from dinocli.cli.extract import (
     RawPixels,
     Resize,
     Seed,
+    TrainData,
+    TrainFeatures,
+    ValData,
+    ValFeatures,
     Weights,
     check_before_loading,
     extract_with_progress,
+    input_form,
     load_model,
 )
 from dinocli.errors import UsageError
@@ -48,8 +53,8 @@ from dinocli.errors import UsageError
     ),
 )
 def knn_command(
-    train: Annotated[Path | None, typer.Option("--train", help="Train features (from 'dino extract').")] = None,
-    val: Annotated[Path | None, typer.Option("--val", help="Val features (from 'dino extract').")] = None,
+    train: TrainFeatures = None,
+    val: ValFeatures = None,
     k: Annotated[
         list[int] | None, typer.Option("-k", "--k", help="Neighbours; repeat for several \\[default: 10 20 100 200].")
     ] = None,
@@ -60,12 +65,8 @@ def knn_command(
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
     per_class: Annotated[bool, typer.Option("--per-class", help="Add per-class top-1 accuracy.")] = False,
     weights: Weights = None,
-    train_data: Annotated[
-        Path | None, typer.Option("--train-data", help="One-step form: train image folder (or tar shards) to extract first.")
-    ] = None,
-    val_data: Annotated[
-        Path | None, typer.Option("--val-data", help="One-step form: val image folder (or tar shards) to extract first.")
-    ] = None,
+    train_data: TrainData = None,
+    val_data: ValData = None,
     checkpoint_key: CheckpointKey = "teacher",
     arch: Arch = None,
     patch_size: PatchSize = None,
@@ -127,17 +128,10 @@ def knn_command(
     from dinocli.evaluate.features_io import load_features
     from dinocli.evaluate.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, IndexSpec, knn_features
 
-    from_files = train is not None or val is not None
-    from_images = train_data is not None or val_data is not None
-    if from_files and from_images:
-        raise UsageError("give either --train/--val (features files) or --train-data/--val-data (image folders)")
-    if from_files:
-        if train is None or val is None:
-            raise UsageError("give both --train and --val features files")
+    form = input_form(train, val, train_data, val_data)
+    if form == "files":
         train_feats, val_feats = load_features(train), load_features(val)
-    elif from_images:
-        if train_data is None or val_data is None:
-            raise UsageError("give both --train-data and --val-data image folders")
+    elif form == "images":
         options = dict(
             resize=resize,
             crop_size=crop_size,

@@ -24,9 +24,14 @@ from dinocli.cli.extract import (
     Precision,
     RandomInit,
     RawPixels,
+    TrainData,
+    TrainFeatures,
+    ValData,
+    ValFeatures,
     Weights,
     check_before_loading,
     extract_with_progress,
+    input_form,
     load_model,
     progress_bar,
 )
@@ -50,8 +55,8 @@ REFERENCE_N_LAST_BLOCKS = 4
     ),
 )
 def linear_command(
-    train: Annotated[Path | None, typer.Option("--train", help="Train features (from 'dino extract').")] = None,
-    val: Annotated[Path | None, typer.Option("--val", help="Val features (from 'dino extract').")] = None,
+    train: TrainFeatures = None,
+    val: ValFeatures = None,
     mode: Annotated[
         str,
         typer.Option(
@@ -105,10 +110,8 @@ def linear_command(
     ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
     weights: Weights = None,
-    train_data: Annotated[
-        Path | None, typer.Option("--train-data", help="One-step form: train image folder.")
-    ] = None,
-    val_data: Annotated[Path | None, typer.Option("--val-data", help="One-step form: val image folder.")] = None,
+    train_data: TrainData = None,
+    val_data: ValData = None,
     checkpoint_key: CheckpointKey = "teacher",
     arch: Arch = None,
     patch_size: PatchSize = None,
@@ -150,10 +153,6 @@ def linear_command(
         raise UsageError(f"--mode must be fast or reference, got {mode!r}")
     if output is not None and output.is_dir():
         raise UsageError(f"--output {output} is a folder; give a file name")
-    from_files = train is not None or val is not None
-    from_images = train_data is not None or val_data is not None
-    if from_files and from_images:
-        raise UsageError("give either --train/--val (features files) or --train-data/--val-data (image folders)")
     classifier = load_classifier(evaluate) if evaluate is not None else None
     trained = (classifier.metadata.get("features", {}) if classifier else {})
     prep = trained.get("preprocessing", {})
@@ -174,14 +173,13 @@ def linear_command(
     if classifier is not None:
         if train is not None or train_data is not None:
             raise UsageError("--evaluate takes a val set only (--val or --val-data), not --train/--train-data")
-        if val is None and val_data is None:
+        if (val is None) == (val_data is None):
             raise UsageError("--evaluate needs --val (features file) or --val-data (image folder, with --weights)")
         val_feats = _load_val(val, val_data, extract_options, model_options)
         _evaluate(classifier, val_feats, json_out)
         return
-    if from_files:
-        if train is None or val is None:
-            raise UsageError("give both --train and --val features files")
+    form = input_form(train, val, train_data, val_data)
+    if form == "files":
         from dinocli.evaluate.features_io import load_features
 
         train_feats, val_feats = load_features(train), load_features(val)
@@ -189,9 +187,7 @@ def linear_command(
                                     holdout, refit, val_every, seed, device, precision)  # fmt: skip
         if mode == "reference":
             print_note("--mode reference on features files trained on the cached features: no augmentation")
-    elif from_images:
-        if train_data is None or val_data is None:
-            raise UsageError("give both --train-data and --val-data image folders")
+    elif form == "images":
         train_images = check_before_loading(train_data, extract_options)
         val_images = check_before_loading(val_data, extract_options)
         model, info = load_model(*model_options)
