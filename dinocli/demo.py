@@ -1,7 +1,8 @@
 """``dino demo``: the whole pipeline on built-in data in a few minutes on a laptop CPU.
 
 Pretrain a small ViT on the generated demo set, extract features of the trained teacher and of
-the same network at random initialisation, compare them by k-NN, and draw attention maps.
+the same network at random initialisation, compare them by k-NN and by a linear probe (the fast
+13-lr sweep of ``dino linear``, a few seconds), and draw attention maps.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class DemoReport:
     knn_random: float
     attention_index: Path | None
     seconds: float
+    linear_trained: float | None = None
+    linear_random: float | None = None
 
 
 def run_demo(
@@ -63,7 +66,7 @@ def run_demo(
     **overrides: Any,
 ) -> DemoReport:
     """Run the demo into ``output`` (``run/``, ``features/``, ``attention/``); resumes if interrupted."""
-    from dinocli.evaluate import extract_folder, knn_features, save_features
+    from dinocli.evaluate import extract_folder, knn_features, linear_sweep, save_features
 
     start = time.perf_counter()
     output = Path(output)
@@ -83,15 +86,18 @@ def run_demo(
     trained = load_backbone(result.checkpoint)
     torch.manual_seed(cfg.seed)
     random_init = create_backbone(cfg.arch, **backbone_kwargs(cfg)).eval()
-    scores = {}
+    scores, linear = {}, {}
     for name, model in (("trained", trained), ("random", random_init)):
         train_feats = extract_folder(model, data / "train", **options)
         val_feats = extract_folder(model, data / "val", **options)
         save_features(output / "features" / f"{name}-train.safetensors", train_feats)
         save_features(output / "features" / f"{name}-val.safetensors", val_feats)
         scores[name] = knn_features(train_feats, val_feats, k=20).top1
+        linear[name] = linear_sweep(train_feats, val_feats).top1
     log(f"k-NN top-1 (k=20) on the demo val set: pretrained {scores['trained']:.1f} %, "
         f"random init {scores['random']:.1f} %")
+    log(f"linear top-1 (13-lr sweep) on the demo val set: pretrained {linear['trained']:.1f} %, "
+        f"random init {linear['random']:.1f} %")
 
     index = None
     if attention_images > 0 and getattr(trained, "supports_attention", False):
@@ -115,4 +121,6 @@ def run_demo(
         knn_random=scores["random"],
         attention_index=index,
         seconds=time.perf_counter() - start,
+        linear_trained=linear["trained"],
+        linear_random=linear["random"],
     )

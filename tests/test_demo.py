@@ -24,6 +24,8 @@ def test_demo_runs_the_whole_pipeline_and_learns(tmp_path, monkeypatch):
     # The learning check: pretraining clearly beats the same network at random initialisation
     # (measured: 40-47 % against 22 %; chance is 10 %).
     assert report.knn_trained >= report.knn_random + 10, (report.knn_trained, report.knn_random)
+    assert 0 <= report.linear_random <= 100 and 0 <= report.linear_trained <= 100
+    assert any(line.startswith("linear top-1 (13-lr sweep)") for line in lines)
     for name in ("trained", "random"):
         train = load_features(out / "features" / f"{name}-train.safetensors")
         val = load_features(out / "features" / f"{name}-val.safetensors")

@@ -34,7 +34,8 @@ def demo_command(
     typer.echo(
         f"\ndone in {report.seconds / 60:.1f} min. k-NN top-1 on the held-out images: "
         f"{report.knn_trained:.1f} % after DINO pretraining, {report.knn_random:.1f} % at random "
-        f"initialisation ({gain:+.1f} points)\n"
+        f"initialisation ({gain:+.1f} points); linear probe {report.linear_trained:.1f} % against "
+        f"{report.linear_random:.1f} %\n"
         f"  checkpoint:     {report.pretrain.checkpoint}\n"
         f"  metrics:        {report.output / 'run' / 'metrics.jsonl'}\n"
         f"  features:       {report.output / 'features'}\n"
