@@ -26,7 +26,7 @@ from typing import Any
 from PIL import Image
 
 import dinocli
-from dinocli.data import find_images
+from dinocli.data import image_file, list_images
 from dinocli.errors import UsageError
 
 #: The run length ``small-data`` fits its warm-ups to when ``--epochs`` is not given.
@@ -42,13 +42,14 @@ class DataStats:
 
 
 def describe_data(root: str | Path, sample: int = 32) -> DataStats:
-    """Count the images under ``root`` and read the sizes of an even sample of them (headers only)."""
-    paths = find_images(root)
+    """Count the images of ``root`` (a folder or tar shards) and read the sizes of an even sample
+    of them (headers only)."""
+    paths = list_images(root)
     step = max(1, len(paths) // sample)
     sides = []
     for path in paths[::step][:sample]:
         try:
-            with Image.open(path) as img:
+            with Image.open(image_file(path)) as img:
                 sides.append(min(img.size))
         except (OSError, ValueError):
             continue

@@ -348,3 +348,14 @@ def test_knn_monitor_takes_shards(folder, tmp_path):
     assert (monitor.n_train, monitor.n_val) == (9, 9)
     result = monitor.evaluate(_vit())
     assert 0 <= result["knn_top1"] <= 100
+
+
+def test_auto_recipe_sizes_shards_as_their_folder(folder, tmp_path):
+    from dinocli.recipes import describe_data
+    from dinocli.train.config import recipe_values
+
+    write_shards(folder, str(tmp_path / "s-%d.tar"), max_count=4)
+    pattern = str(tmp_path / "s-{0..2}.tar")
+    assert describe_data(pattern) == describe_data(folder)
+    assert describe_data(pattern).n_images == 9
+    assert recipe_values("auto", {"data": pattern}) == recipe_values("auto", {"data": str(folder)})
