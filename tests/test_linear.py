@@ -192,7 +192,7 @@ def test_api_errors(change, message: str) -> None:
         ({"lrs": [0.0]}, "learning rates must be positive"),
         ({"weight_decays": [-1.0]}, "weight decays must be 0 or more"),
         ({"epochs": 0}, "--epochs must be at least 1"),
-        ({"batch_size": 0}, "--batch-size must be positive"),
+        ({"batch_size": 0}, "--linear-batch-size. must be positive"),
         ({"holdout": 1.5}, "held-out fraction"),
         ({"holdout": 0}, "need a held-out part"),
         ({"precision": "fp16"}, "fp32 or bf16"),

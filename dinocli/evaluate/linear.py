@@ -141,7 +141,7 @@ def cached_batches(
 
 @dataclass(frozen=True)
 class EpochResult:
-    """Val accuracy (percent) after one epoch of :func:`train_linear`."""
+    """Val accuracy (percent) after one epoch of :func:`train_linear`, and the epoch's mean train loss."""
 
     epoch: int
     top1: float
@@ -207,7 +207,7 @@ def check_recipe(epochs: int, batch_size: int, lrs: Iterable[float], weight_deca
     if epochs < 1:
         raise UsageError(f"--epochs must be at least 1, got {epochs}")
     if batch_size < 1:
-        raise UsageError(f"--batch-size must be positive, got {batch_size}")
+        raise UsageError(f"the linear batch size (--linear-batch-size) must be positive, got {batch_size}")
     lrs, weight_decays = list(lrs), list(weight_decays)
     if not lrs or not weight_decays:
         raise UsageError("give at least one learning rate and one weight decay")
