@@ -6,8 +6,8 @@ bilinear) with a random horizontal flip, normalised; the backbone runs in eval m
 ``no_grad``, its features (:func:`dinocli.evaluate.extract.embed`: the last ``n_last_blocks`` CLS
 tokens, optionally the mean patch token) go to :func:`dinocli.evaluate.linear.train_linear`.
 The val images are centre crops, which never change, so their features are extracted once rather
-than every epoch (the same numbers). The random crops come from a seeded generator: a run
-repeats exactly on the same machine.
+than every epoch (the same numbers). The random crops come from seeded generators: a run repeats
+exactly on the same machine with the same ``num_workers``.
 """
 
 from __future__ import annotations
