@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,6 +47,38 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | Path, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder next to ``target``; on success it is renamed to ``target``.
+
+    An existing ``target`` is swapped out only when ``replace`` (and removed after the rename);
+    if the block raises, ``target`` is untouched and the temporary folder is removed.
+    """
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as exc:
+        raise DinoError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    old = target.with_name(f"{tmp.name}.old")
+    try:
+        yield tmp
+        if target.exists():
+            if not replace:
+                raise DinoError(f"{target} appeared while it was being written; nothing was changed")
+            os.replace(target, old)
+        os.replace(tmp, target)
+    except OSError as exc:
+        if old.exists() and not target.exists():
+            os.replace(old, target)  # put the previous folder back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DinoError(f"could not write {target} ({exc.strerror or exc}); it was not changed") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_bytes(target: str | Path, data: bytes) -> None:

@@ -5,7 +5,8 @@ written by ``dino export`` (their tensors only: read without ``torch.jit.load``,
 their TorchScript code is compiled or run); PyTorch files: the
 reference implementation's full training checkpoints (``teacher``/``student`` sub-dicts with
 ``module.`` and ``backbone.`` prefixes and a pickled ``argparse.Namespace``), its released
-backbone-only state dicts, and dinocli's own checkpoints. Pickles are opened with
+backbone-only state dicts, and dinocli's own checkpoints; Hugging Face ``ViTModel`` folders
+(``config.json`` + ``model.safetensors``, see :mod:`dinocli.export.huggingface`). Pickles are opened with
 ``weights_only=True``: a file that needs any Python object beyond tensors, containers and
 ``argparse.Namespace`` is refused, and its code never runs.
 """
@@ -75,6 +76,11 @@ def torch_load(path: str | Path) -> Any:
 
 def read_backbone_weights(path: str | Path, checkpoint_key: str = "teacher") -> BackboneWeights:
     """The backbone (and head) tensors of any weights file, with prefixes stripped."""
+    from dinocli.export.huggingface import is_huggingface_folder, read_huggingface_folder
+
+    if is_huggingface_folder(Path(path)):
+        state, meta, spec = read_huggingface_folder(Path(path))
+        return BackboneWeights(state, {}, spec, meta)
     path = _existing(path)
     if _is_safetensors(path):
         tensors, meta = _read_safetensors(path)
@@ -222,7 +228,9 @@ def _existing(path: str | Path) -> Path:
     if not path.exists():
         raise UsageError(f"weights file not found: {path}")
     if path.is_dir():
-        raise UsageError(f"{path} is a folder, not a weights file")
+        raise UsageError(
+            f"{path} is a folder, not a weights file (nor a Hugging Face folder with config.json and model.safetensors)"
+        )
     return path
 
 

@@ -33,7 +33,7 @@ def attn_maps_command(
         ),
     ],
     weights: Annotated[
-        Path, typer.Option("--weights", "-w", help="Checkpoint, reference .pth or safetensors file.")
+        Path, typer.Option("--weights", "-w", help="Checkpoint, reference .pth, safetensors file or Hugging Face folder.")
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the pictures to.")],
     checkpoint_key: CheckpointKey = "teacher",

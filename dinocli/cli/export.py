@@ -1,4 +1,4 @@
-"""``dino export``: a trained backbone as safetensors, TorchScript or ONNX, checked against PyTorch."""
+"""``dino export``: a trained backbone as safetensors, TorchScript, ONNX or a Hugging Face folder."""
 
 from __future__ import annotations
 
@@ -18,18 +18,19 @@ from dinocli.cli.options import Arch, CheckpointKey, PatchSize
     examples=(
         "dino export --weights runs/vits16/checkpoint.pth --output vits16.safetensors",
         "dino export --weights runs/vits16/checkpoint.pth --format onnx --output vits16.onnx",
+        "dino export --weights runs/vits16/checkpoint.pth --format huggingface --output vits16-hf",
     ),
 )
 def export_command(
     weights: Annotated[
         Path,
         typer.Option(
-            "--weights", "-w", help="Training checkpoint, reference .pth, safetensors or TorchScript export."
+            "--weights", "-w", help="Training checkpoint, reference .pth, safetensors, TorchScript export or Hugging Face folder."
         ),
     ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="File to write.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="File to write (a folder for huggingface).")],
     file_format: Annotated[
-        str, typer.Option("--format", "-f", help="safetensors, torchscript or onnx.")
+        str, typer.Option("--format", "-f", help="safetensors, torchscript, onnx or huggingface.")
     ] = "safetensors",
     checkpoint_key: CheckpointKey = "teacher",
     include_head: Annotated[
@@ -40,11 +41,15 @@ def export_command(
     arch: Arch = None,
     patch_size: PatchSize = None,
 ) -> None:
-    """Export a backbone as safetensors, TorchScript or ONNX, checked against PyTorch before it is written.
+    """Export a backbone as safetensors, TorchScript, ONNX or a Hugging Face folder, checked against PyTorch
+    before it is written.
 
     safetensors: the reference key layout plus metadata; dinocli.load_backbone(OUTPUT) needs no --arch.
 
     TorchScript and ONNX: normalised images [B, 3, H, W] -> CLS embedding, any batch and image size.
+
+    huggingface (ViTs; needs transformers): a folder that transformers.ViTModel.from_pretrained loads,
+    with a model card; dinocli reads it back as --weights.
     """
     from dinocli.export import export_backbone
 
@@ -70,5 +75,5 @@ def export_command(
         f"check: largest |difference| from PyTorch {report.max_abs_diff:.3g} on random batches {shapes}"
     )
     dynamic = [name for name, ok in (("batch", report.dynamic_batch), ("image size", report.dynamic_image_size)) if ok]
-    if report.format != "safetensors":
+    if report.format in ("torchscript", "onnx"):
         typer.echo(f"dynamic: {', '.join(dynamic) if dynamic else 'none (fixed input shape)'}")

@@ -1,4 +1,5 @@
-"""``dino export``: a trained backbone as safetensors, TorchScript or ONNX, checked against PyTorch.
+"""``dino export``: a trained backbone as safetensors, TorchScript, ONNX or a Hugging Face folder,
+checked against PyTorch.
 
 Python API::
 
@@ -17,11 +18,12 @@ from torch import nn
 
 from dinocli.errors import DinoError, UsageError, unknown_name
 from dinocli.export.formats import require_onnx, write_onnx, write_safetensors, write_torchscript
+from dinocli.export.huggingface import check_exportable, require_transformers, write_huggingface
 from dinocli.export.metadata import METADATA_KEYS, export_metadata
-from dinocli.io import atomic_path
+from dinocli.io import atomic_folder, atomic_path
 from dinocli.weights import build_backbone, read_backbone_weights, resolve_backbone_spec
 
-FORMATS = ("safetensors", "torchscript", "onnx")
+FORMATS = ("safetensors", "torchscript", "onnx", "huggingface")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CHECKPOINT_KEYS = ("teacher", "student")
 #: Largest accepted |exported - PyTorch fp32|, relative to max(1, largest |output|), per dtype.
@@ -62,9 +64,9 @@ def export_backbone(
 ) -> ExportReport:
     """Export the backbone in ``weights_path`` to ``output`` and check it against PyTorch.
 
-    ``weights_path`` is anything :func:`dinocli.load_backbone` reads. The file is written
-    atomically, and only once the written model has passed the check; an existing ``output``
-    is refused unless ``force``.
+    ``weights_path`` is anything :func:`dinocli.load_backbone` reads. The file (for
+    ``huggingface``: the folder) is written atomically, and only once the written model has
+    passed the check; an existing ``output`` is refused unless ``force``.
     """
     if format not in FORMATS:
         raise unknown_name("export format", format, FORMATS)
@@ -73,14 +75,19 @@ def export_backbone(
     if checkpoint_key not in CHECKPOINT_KEYS:
         raise unknown_name("checkpoint key", checkpoint_key, CHECKPOINT_KEYS)
     source, output = Path(weights_path), Path(output)
-    if output.is_dir():
+    folder = format == "huggingface"
+    if output.is_dir() and not folder:
         raise UsageError(f"{output} is a folder; give the path of the file to write")
+    if output.is_file() and folder:
+        raise UsageError(f"{output} is a file; --format huggingface writes a folder")
     if output.exists() and not force:
         raise UsageError(f"{output} already exists; pass --force to overwrite it")
     if include_head and format != "safetensors":
         raise UsageError(f"--include-head applies to safetensors exports only, not {format}")
     if format == "onnx":
         require_onnx()  # before any work: say how to install it
+    if folder:
+        require_transformers()
 
     weights = read_backbone_weights(source, checkpoint_key)
     if include_head and not weights.head:
@@ -97,8 +104,20 @@ def export_backbone(
         include_head=include_head,
     )
     inputs = _check_inputs(model, int(metadata["crop_size"] or 224))
+    if folder:
+        check_exportable(model)
+        # transformers resizes position embeddings to the exact grid, the reference by a scale
+        # factor: the same model only at the training size (docs/export.md).
+        inputs = inputs[:2]
     with torch.inference_mode():
         expected = [model(x).float() for x in inputs]
+
+    if folder:
+        with atomic_folder(output, replace=force) as tmp:
+            run = write_huggingface(tmp, model, metadata, DTYPES[dtype])
+            checks = _compare(run, inputs, expected, dtype)
+            size = sum(f.stat().st_size for f in tmp.iterdir())
+        return _report(output, format, dtype, spec, metadata, model, 0, size, checks)
 
     with atomic_path(output) as tmp:
         if format == "safetensors":
@@ -109,9 +128,13 @@ def export_backbone(
             run = write_onnx(tmp, model, metadata, DTYPES[dtype])
         checks = _compare(run, inputs, expected, dtype)
         size = tmp.stat().st_size
+    n_head = len(weights.head) if include_head else 0
+    return _report(output, format, dtype, spec, metadata, model, n_head, size, checks)
 
+
+def _report(output, format, dtype, spec, metadata, model, n_head, size, checks) -> ExportReport:
     shapes = [shape for shape, _ in checks]
-    base = tuple(inputs[0].shape)
+    base = shapes[0]  # the first batch always runs
     return ExportReport(
         output=output,
         format=format,
@@ -119,7 +142,7 @@ def export_backbone(
         arch=spec["name"],
         checkpoint_key=metadata["weights"],
         n_tensors=len(model.state_dict()),
-        n_head_tensors=len(weights.head) if include_head else 0,
+        n_head_tensors=n_head,
         size_bytes=size,
         max_abs_diff=max(diff for _, diff in checks),
         checks=checks,

@@ -122,7 +122,7 @@ def export_metadata(
         "weights": which,
         "epoch": epoch,
         "source_file": source.name,
-        "source_sha256": sha256_of(source),
+        "source_sha256": sha256_of(source if source.is_file() else source / "model.safetensors"),
         "config": json.dumps(config, sort_keys=True, default=str),
         "plugins": json.dumps(plugins),
         "dinocli_version": __version__,
