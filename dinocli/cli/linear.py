@@ -186,7 +186,7 @@ def linear_command(
         report = _train_on_features(mode, train_feats, val_feats, lr, weight_decay, epochs, linear_batch_size,
                                     holdout, refit, val_every, seed, device, precision)  # fmt: skip
         if mode == "reference":
-            print_note("--mode reference on features files trained on the cached features: no augmentation")
+            _note("--mode reference on features files trained on the cached features: no augmentation")
     elif form == "images":
         train_images = check_before_loading(train_data, extract_options)
         val_images = check_before_loading(val_data, extract_options)
@@ -304,7 +304,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
-def print_note(message: str) -> None:
+def _note(message: str) -> None:
     import sys
 
     print(f"note: {message}", file=sys.stderr)
