@@ -96,6 +96,7 @@ def test_one_step_form_on_image_folders(image_folder_tree: Path, tmp_path: Path,
         ("ok", ["--epochs", "0"], "--epochs must be at least 1"),
         ("ok", ["--lr", "-1"], "learning rates must be positive"),
         ("ok", ["--holdout", "0"], "need a held-out part of train"),
+        ("ok", ["--holdout", "1"], "--holdout must be in [0, 1)"),
         ("missing", [], "features file not found"),
     ],
 )
@@ -140,6 +141,8 @@ def test_cli_input_forms_and_evaluate_errors(tmp_path: Path, cli) -> None:
         (["--evaluate", str(clf), "--val", str(tmp_path / "v4.safetensors")], "--n-last-blocks 1, these have 4"),
         (["--evaluate", str(tmp_path / "t.safetensors"), "--val", t], "not a dinocli linear classifier"),
         (["--train", t, "--val", t, "-o", str(tmp_path)], "is a folder"),
+        (["--mode", "reference", "--lr", "1", "--lr", "2", *TINY_VIT, "--train-data", str(empty), "--val-data",
+          str(empty)], "trains one --lr"),  # before the images are listed
     ]
     for args, message in cases:
         result = cli.invoke(app, ["linear", *args])

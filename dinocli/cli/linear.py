@@ -147,10 +147,16 @@ def linear_command(
     device: Device = "auto",
 ) -> None:
     """Train a linear classifier on frozen features and report its val top-1/top-5 (the DINO linear eval)."""
-    from dinocli.evaluate.linear import load_classifier, save_classifier
+    from dinocli.evaluate.linear import REFERENCE_LR, check_recipe, load_classifier, save_classifier
 
     if mode not in MODES:
         raise UsageError(f"--mode must be fast or reference, got {mode!r}")
+    # the training options are checked before the (slow) model load and extraction
+    if mode == "reference" and ((lr and len(lr) > 1) or (weight_decay and len(weight_decay) > 1)):
+        raise UsageError("--mode reference trains one --lr and one --weight-decay; use --mode fast for a sweep")
+    check_recipe(epochs, linear_batch_size, lr or [REFERENCE_LR], weight_decay or [0.0])
+    if mode == "fast" and not 0 <= holdout < 1:
+        raise UsageError(f"--holdout must be in [0, 1), got {holdout}")
     if output is not None and output.is_dir():
         raise UsageError(f"--output {output} is a folder; give a file name")
     classifier = load_classifier(evaluate) if evaluate is not None else None
@@ -235,8 +241,6 @@ def _train_on_features(mode, train_feats, val_feats, lr, weight_decay, epochs, b
 
     wds = list(weight_decay) if weight_decay else [0.0]
     if mode == "reference":
-        if (lr and len(lr) > 1) or len(wds) > 1:
-            raise UsageError("--mode reference trains one --lr and one --weight-decay; use --mode fast for a sweep")
         with progress_bar("linear (reference)", epochs * len(train_feats)) as advance:
             return linear_reference(
                 train_feats, val_feats, lr=lr[0] if lr else REFERENCE_LR, weight_decay=wds[0], epochs=epochs,
@@ -258,8 +262,6 @@ def _train_on_images(model, images, val_feats, lr, weight_decay, epochs, batch, 
     from dinocli.evaluate.linear import REFERENCE_LR
     from dinocli.evaluate.linear_images import linear_reference_images
 
-    if (lr and len(lr) > 1) or (weight_decay and len(weight_decay) > 1):
-        raise UsageError("--mode reference trains one --lr and one --weight-decay; use --mode fast for a sweep")
     paths, labels, classes = images
     workers = default_num_workers() if options["num_workers"] is None else options["num_workers"]
     with progress_bar("linear (reference, augmented)", epochs * len(paths)) as advance:
