@@ -20,7 +20,7 @@ except metadata.PackageNotFoundError:  # running from a source tree that is not 
     __version__ = "0+unknown"
 
 from dinocli.errors import DinoError, UsageError  # noqa: E402
-from dinocli.interfaces import Augmentation, Backbone, CollapseStrategy  # noqa: E402
+from dinocli.interfaces import Augmentation, Backbone, CollapseStrategy, Logger  # noqa: E402
 from dinocli.registry import (  # noqa: E402
     create_augmentation,
     create_backbone,
@@ -29,6 +29,7 @@ from dinocli.registry import (  # noqa: E402
     list_augmentations,
     list_backbones,
     list_collapse_strategies,
+    list_loggers,
     list_recipes,
 )
 from dinocli.weights import load_backbone  # noqa: E402
@@ -38,6 +39,7 @@ __all__ = [
     "Backbone",
     "CollapseStrategy",
     "DinoError",
+    "Logger",
     "UsageError",
     "__version__",
     "create_augmentation",
@@ -48,6 +50,7 @@ __all__ = [
     "list_augmentations",
     "list_backbones",
     "list_collapse_strategies",
+    "list_loggers",
     "list_recipes",
     "load_backbone",
 ]

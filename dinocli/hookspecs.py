@@ -96,3 +96,16 @@ def dinocli_register_recipes(register: Register) -> None:
     (median shorter side of a sample of them, in pixels), both ``None`` when ``--data`` is not an
     existing folder, and ``epochs`` (the ``--epochs`` the user gave, or ``None``).
     """
+
+
+@hookspec
+def dinocli_register_loggers(register: Register) -> None:
+    """Register loggers (metrics sinks): ``register(name, factory, description="")``.
+
+    ``factory(**kwargs)`` returns a :class:`dinocli.interfaces.Logger`. A user picks loggers with
+    ``--logger jsonl,NAME``; only the main process creates them. Keyword arguments dinocli passes:
+    ``output`` (the run folder, a :class:`pathlib.Path`; write there unless the user configured
+    elsewhere), ``run_name`` (the folder's name) and ``config`` (the run's options, plain values).
+    A factory whose library is missing raises :class:`dinocli.UsageError` naming what to install;
+    a logger that raises while logging is reported once and dropped, and training goes on.
+    """

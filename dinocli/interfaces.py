@@ -30,6 +30,19 @@ class Augmentation(Protocol):
     def __call__(self, image: Image.Image, generator: torch.Generator) -> list[torch.Tensor]: ...
 
 
+@runtime_checkable
+class Logger(Protocol):
+    """A metrics sink. ``log(record)`` gets each record the run writes to ``metrics.jsonl``: a dict
+    with ``iteration`` (the step), ``epoch``, ``summary`` (absent for per-iteration records,
+    ``"epoch"`` or ``"knn"`` otherwise) and numbers (``loss``, ``lr``, ``knn_top1`` ...). ``close()``
+    ends the run. Optional: ``rewind(iteration)``, called when a run resumes from a checkpoint taken
+    at ``iteration``: forget anything logged after it."""
+
+    def log(self, record: dict) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class CollapseStrategy(nn.Module):
     """Base class of collapse-avoidance strategies; buffers are checkpointed state.
 

@@ -33,6 +33,7 @@ KINDS = {
         "collapse strategies",
     ),
     "recipes": ("dinocli_register_recipes", "recipe", "recipes"),
+    "loggers": ("dinocli_register_loggers", "logger", "loggers"),
 }
 
 
@@ -89,7 +90,7 @@ class PluginInfo:
 
 
 class Registry:
-    """Backbones, augmentations and collapse strategies by name, and the plugins behind them."""
+    """Every plugin kind's entries by name (see :data:`KINDS`), and the plugins behind them."""
 
     def __init__(self) -> None:
         self.plugins: dict[str, PluginInfo] = {}
@@ -324,6 +325,11 @@ def list_collapse_strategies() -> list[str]:
 def list_recipes() -> list[str]:
     """Names of every registered pretraining recipe."""
     return get_registry().names("recipes")
+
+
+def list_loggers() -> list[str]:
+    """Names of every registered logger (metrics sink)."""
+    return get_registry().names("loggers")
 
 
 def create_backbone(name: str, **kwargs: Any) -> Any:

@@ -24,7 +24,7 @@ from dinocli.registry import ENV_VAR, PluginInfo, Registry, get_registry
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
 JSON_KEYS = {
-    "name", "distribution", "version", "backbones", "augmentations", "collapse_strategies", "recipes", "error"
+    "name", "distribution", "version", "backbones", "augmentations", "collapse_strategies", "recipes", "loggers", "error"
 }
 
 
@@ -165,7 +165,7 @@ def test_a_failing_hook_disables_the_whole_plugin_once(capsys):
     assert reg.plugins["half"].error == "dinocli_register_backbones raised KeyError: 'lost my config'"
     assert reg.names("backbones") == reg.names("augmentations") == reg.names("collapse_strategies") == []
     assert reg.plugins["half"].provides == {
-        "backbones": [], "augmentations": [], "collapse_strategies": [], "recipes": []
+        "backbones": [], "augmentations": [], "collapse_strategies": [], "recipes": [], "loggers": []
     }
     assert len(stderr_lines(capsys.readouterr().err, "'half' disabled")) == 1
 
@@ -359,6 +359,7 @@ def test_example_plugin_is_discovered_through_real_entry_points(fresh_registry, 
         "augmentations": ["example_simple"],
         "collapse_strategies": ["me-max"],
         "recipes": [],
+        "loggers": [],
     }
 
 

@@ -146,6 +146,10 @@ class PretrainConfig:
     )
     progress: bool = _opt(True, "Rich progress display (plain log lines without).", RUN)
     log_every: int = _opt(10, "Log metrics every N iterations.", RUN)
+    logger: str = _opt(
+        "jsonl", "Where metrics go, comma-separated: jsonl (RUN/metrics.jsonl, read by dino report), tensorboard, "
+        "wandb (offline unless WANDB_MODE), mlflow (RUN/mlruns unless MLFLOW_TRACKING_URI), or a plugin's.", RUN,
+    )
     on_bad_image: str = _opt(
         "skip", "Unreadable images: skip (counted, reported) or fail.", RUN, choices=("skip", "fail")
     )
@@ -319,6 +323,11 @@ def validate(cfg: PretrainConfig) -> None:
     if cfg.linear_every and (not cfg.knn_every or cfg.linear_every % cfg.knn_every):
         raise UsageError("--linear-every N runs on the k-NN monitor's features: give --knn-every M "
                          "(with --knn-train/--knn-val) where N is a multiple of M")
+    from dinocli.loggers import parse_logger_names
+    from dinocli.registry import get_registry
+
+    for name in parse_logger_names(cfg.logger):
+        get_registry().get("loggers", name)  # the one-line error with the closest names
     for name, f in FIELDS.items():
         choices = f.metadata.get("choices")
         if choices and getattr(cfg, name) not in choices:

@@ -33,6 +33,7 @@ from dinocli.distributed import (
 from dinocli.errors import DinoError, UsageError
 from dinocli.heads import DINOHead
 from dinocli.io import atomic_write_text
+from dinocli.loggers import open_loggers
 from dinocli.registry import create_augmentation, create_backbone
 from dinocli.runtime import autocast, resolve_precision
 from dinocli.train.checkpoint import (
@@ -50,7 +51,7 @@ from dinocli.train.knn_monitor import KnnMonitor
 from dinocli.train.loss import multicrop_cross_entropy
 from dinocli.train.model import MultiCropNetwork, ema_update
 from dinocli.train.optim import build_optimizer, clip_gradients, param_groups
-from dinocli.train.progress import MetricsLog, TrainingDisplay
+from dinocli.train.progress import TrainingDisplay
 from dinocli.train.sampler import EpochSampler
 from dinocli.train.schedules import Schedules, build_schedules
 from dinocli.weights import read_backbone_weights
@@ -209,7 +210,7 @@ class Trainer:
             enabled=group.is_main,
             rich=display_rich if cfg.progress else False,
         )
-        self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=group.is_main)
+        self.metrics = open_loggers(cfg.logger, self.out, cfg.to_dict(), warn=self.display.log, enabled=group.is_main)
         self.detector = CollapseDetector(
             cfg.out_dim, embed_dim, warn=self.display.log, start_epoch=max(1, cfg.freeze_last_layer)
         )
@@ -279,7 +280,7 @@ class Trainer:
         set_rng_state(ckpt["rng"])
         self.epoch, self.iteration = int(ckpt["epoch"]), int(ckpt["iteration"])
         self.skipped_images = int(ckpt.get("skipped_images", 0))
-        self.metrics.truncate_after(self.iteration)
+        self.metrics.rewind(self.iteration)
         self._adapt_to_global_batch(int(ckpt.get("global_batch", self.global_batch)), path)
         other = [k for k in saved if k not in STRUCTURAL and k != "output"
                  and _plain(saved[k]) != _plain(getattr(self.cfg, k, None))]

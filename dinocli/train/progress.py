@@ -1,18 +1,13 @@
-"""What a training run shows and records: a rich progress display or log lines, and metrics.jsonl."""
+"""What a training run shows: a rich progress display or log lines (metrics go to :mod:`dinocli.loggers`)."""
 
 from __future__ import annotations
 
-import json
-import math
 import sys
-import time
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from dinocli.io import atomic_write_text
 
 SHOWN = (
     "loss", "lr", "wd", "momentum", "teacher_temp", "images_per_s",
@@ -80,40 +75,3 @@ class TrainingDisplay:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
-
-
-class MetricsLog:
-    """Appends one JSON object per line to ``RUN/metrics.jsonl``."""
-
-    def __init__(self, path: str | Path, enabled: bool = True) -> None:
-        self.path = Path(path)
-        self.enabled = enabled
-        self._file = open(self.path, "a", encoding="utf-8") if enabled else None
-
-    def truncate_after(self, iteration: int) -> None:
-        """Drop records past ``iteration`` (left by a run that stopped after its last checkpoint)."""
-        if not self.enabled or not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash
-            if record.get("iteration", 0) <= iteration:
-                kept.append(line)
-        self.close()
-        atomic_write_text(self.path, "".join(k + "\n" for k in kept))
-        self._file = open(self.path, "a", encoding="utf-8")
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self._file is None:
-            return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self._file.write(json.dumps({"time": round(time.time(), 3), **clean}) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
