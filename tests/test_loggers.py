@@ -32,6 +32,14 @@ RECORDS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def no_phoning_home(monkeypatch):
+    """W&B and MLflow stay offline: no runs, crash reports or telemetry leave the machine."""
+    for key, value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"), ("WANDB_ERROR_REPORTING", "false"),
+                       ("MLFLOW_DISABLE_TELEMETRY", "true"), ("DO_NOT_TRACK", "true")):
+        monkeypatch.setenv(key, value)
+
+
 @pytest.fixture()
 def images(tmp_path):
     rng = np.random.default_rng(0)
@@ -63,9 +71,12 @@ def test_scalars_keep_numbers_and_group_them():
         parse_logger_names(" , ")
 
 
-def test_builtin_loggers_are_plugins():
+def test_builtin_loggers_are_plugins_that_dino_plugins_lists(cli):
     assert {"jsonl", "tensorboard", "wandb", "mlflow"} <= set(dinocli.list_loggers())
     assert get_registry().plugins["jsonl"].builtin
+    result = cli.invoke(app, ["plugins", "--json"])
+    listed = {name for row in json.loads(result.stdout)["plugins"] for name in row["loggers"]}
+    assert result.exit_code == 0 and {"jsonl", "tensorboard", "wandb", "mlflow"} <= listed
 
 
 def test_pretrain_writes_tensorboard_events_that_tensorboard_reads_back(images, tmp_path):
@@ -115,10 +126,11 @@ def test_mlflow_local_store_holds_metrics_and_parameters(tmp_path, monkeypatch):
 
 
 def test_wandb_offline_run_is_written_under_the_run_folder(tmp_path, monkeypatch):
-    pytest.importorskip("wandb", reason="pip install 'dinocli[wandb]'")
+    wandb = pytest.importorskip("wandb", reason="pip install 'dinocli[wandb]'")
     monkeypatch.delenv("WANDB_MODE", raising=False)  # offline is the default: no network
     monkeypatch.setenv("WANDB_SILENT", "true")
     assert log_all("wandb", tmp_path) == []
+    wandb.teardown()  # W&B's service process writes asynchronously: wait until it has finished
     run_id = (tmp_path / "wandb" / "run-id").read_text().strip()
     (folder,) = (tmp_path / "wandb").glob(f"offline-run-*-{run_id}")
     history = (folder / f"run-{run_id}.wandb").read_bytes()  # W&B's binary log of the run

@@ -29,7 +29,7 @@ def plugins_command(
         ),
     ] = False,
 ) -> None:
-    """List installed plugins and the backbones, augmentations and strategies they provide."""
+    """List installed plugins and the backbones, augmentations, strategies, recipes and loggers they provide."""
     registry = get_registry()
     infos = sorted(registry.plugins.values(), key=lambda i: (not i.builtin, i.name))
     expanded = _pattern_names(registry) if expand else {}

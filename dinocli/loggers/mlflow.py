@@ -21,6 +21,8 @@ class MlflowLogger:
     """One MLflow run per run folder (its id kept in ``RUN/mlflow-run-id``); the config as parameters."""
 
     def __init__(self, output: Path, run_name: str, config: dict[str, Any], **_: Any) -> None:
+        # offline means offline: no usage telemetry unless the user asks for it
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         require("mlflow", "mlflow")
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient

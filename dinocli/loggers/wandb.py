@@ -23,6 +23,9 @@ class WandbLogger:
         id_file = folder / "run-id"
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         atomic_write_text(id_file, run_id + "\n")
+        mode = os.environ.get("WANDB_MODE", "offline")
+        if mode == "offline":  # offline means offline: no crash reports either
+            os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
         self._run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", "dinocli"),
             name=run_name,
@@ -30,7 +33,7 @@ class WandbLogger:
             resume="allow",
             dir=str(output),
             config=config,
-            mode=os.environ.get("WANDB_MODE", "offline"),
+            mode=mode,
         )
 
     def log(self, record: dict[str, Any]) -> None:
