@@ -7,11 +7,10 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
-from PIL import Image
 
 import dinocli
+from conftest import make_rgb_image
 from dinocli.cli import app
 from dinocli.errors import UsageError
 from dinocli.loggers import Loggers, open_loggers, parse_logger_names, scalars
@@ -42,11 +41,11 @@ def no_phoning_home(monkeypatch):
 
 @pytest.fixture()
 def images(tmp_path):
-    rng = np.random.default_rng(0)
+    """Eight small RGB images: two iterations of batch 4."""
     root = tmp_path / "images"
     root.mkdir()
     for i in range(8):
-        Image.fromarray(rng.integers(0, 255, (36, 40, 3), dtype=np.uint8)).save(root / f"{i}.png")
+        make_rgb_image(40, 36, seed=i).save(root / f"{i}.png")
     return root
 
 

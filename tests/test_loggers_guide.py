@@ -19,6 +19,7 @@ from dinocli.errors import UsageError
 from dinocli.registry import PluginInfo, get_registry
 from dinocli.train import resolve_config
 from dinocli.train.loop import pretrain
+from test_loggers import images  # noqa: F401 - the fixture
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
 KINDS = ("backbone", "augmentation", "collapse strategy", "recipe", "logger")
@@ -38,16 +39,6 @@ def guide_plugin(fresh_registry):
         exec(compile(source, str(GUIDE), "exec"), module.__dict__)
     get_registry().add_plugin(module, PluginInfo("guide", "guide", "0", builtin=False))
     return module
-
-
-@pytest.fixture()
-def images(tmp_path):
-    rng = np.random.default_rng(0)
-    root = tmp_path / "images"
-    root.mkdir()
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"{i}.png")
-    return root
 
 
 def test_the_guide_has_an_example_per_kind():
