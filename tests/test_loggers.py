@@ -194,3 +194,18 @@ def test_bad_logger_names_and_missing_libraries_are_one_line_errors(images, tmp_
     result = cli.invoke(app, [*args, "--logger", "tensorboard"])
     assert result.exit_code == 2 and "pip install 'dinocli[tensorboard]'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_resumed_run_replaces_tensorboard_steps_after_its_checkpoint(tmp_path):
+    pytest.importorskip("tensorboard", reason="pip install 'dinocli[tensorboard]'")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log_all("tensorboard", tmp_path, [{"iteration": i, "loss": float(i)} for i in (1, 2, 3)])
+    loggers = open_loggers("tensorboard", tmp_path, {}, warn=print)
+    loggers.rewind(1)  # resumed from the checkpoint at iteration 1: steps 2 and 3 are logged again
+    for i in (2, 3):
+        loggers.write({"iteration": i, "loss": 10.0 * i})
+    loggers.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 20.0), (3, 30.0)]
