@@ -210,7 +210,6 @@ class Trainer:
             enabled=group.is_main,
             rich=display_rich if cfg.progress else False,
         )
-        self.metrics = open_loggers(cfg.logger, self.out, cfg.to_dict(), warn=self.display.log, enabled=group.is_main)
         self.detector = CollapseDetector(
             cfg.out_dim, embed_dim, warn=self.display.log, start_epoch=max(1, cfg.freeze_last_layer)
         )
@@ -221,6 +220,8 @@ class Trainer:
         self._last_knn: dict[str, float] = {}
         self._interrupted = False
         self._stop_agreed = False
+        # last: nothing after it can fail and leave a logger's run open
+        self.metrics = open_loggers(cfg.logger, self.out, cfg.to_dict(), warn=self.display.log, enabled=group.is_main)
 
     # -- set-up -----------------------------------------------------------------------------
 
