@@ -161,7 +161,7 @@ def test_eval_views_equal_resize_centre_crop(files):
         transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])  # fmt: skip
     with Image.open(files[0]) as a, Image.open(files[4]) as b:
-        items = [D.read_for_device(files[0], a), D.read_for_device(files[4], b)]
+        items = [D.read_for_device(files[0].read_bytes(), a), D.read_for_device(files[4].read_bytes(), b)]
     got = D.eval_views(items, 40, 32, IMAGENET_MEAN, IMAGENET_STD, torch.device("cpu"))
     want = torch.stack([reference(open_rgb(files[0])), reference(open_rgb(files[4]))])
     levels = ((got - want) * STD_LEVELS).abs()  # PIL rounds to 8 bits between its two passes

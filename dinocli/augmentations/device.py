@@ -31,7 +31,6 @@ from PIL import Image
 
 from dinocli.augmentations.gpu import ColourParams, colour_batch, normalize
 from dinocli.augmentations.params import ViewParams
-from dinocli.data.images import read_image_bytes
 
 #: Half-width, in source pixels at reduction 1, of each antialiased filter (torch's and PIL's).
 FILTER_SUPPORT = {"bicubic": 2.0, "bilinear": 1.0}
@@ -168,12 +167,13 @@ def pixels(image: Image.Image) -> torch.Tensor:
     return flat.view(rgb.height, rgb.width, 3).permute(2, 0, 1)
 
 
-def read_for_device(path, opened: Image.Image) -> torch.Tensor:
-    """What a worker sends for an image opened with ``Image.open`` (not yet loaded): its bytes
-    (uint8 1-d) when the device can decode it (a baseline or progressive RGB/grey JPEG), else its
-    RGB pixels decoded here (``[3, H, W]``)."""
+def read_for_device(data: bytes, opened: Image.Image) -> torch.Tensor:
+    """What a worker sends for an image: ``data``, the encoded bytes ``opened`` was opened from
+    (``Image.open(io.BytesIO(data))``, not yet loaded), as uint8 1-d when the device can decode it (a
+    baseline or progressive RGB/grey JPEG), else its RGB pixels decoded here (``[3, H, W]``).
+    The file is read once: ``data = read_image_bytes(path)``."""
     if opened.format == "JPEG" and opened.mode in ("RGB", "L"):
-        return torch.frombuffer(bytearray(read_image_bytes(path)), dtype=torch.uint8)
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
     return pixels(opened)
 
 

@@ -21,6 +21,7 @@ counts it) or stop the run with a :class:`BadImageError` naming the file (``SHAR
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,7 +34,7 @@ from torch.utils.data import Dataset
 
 from dinocli.augmentations.device import EncodedBatch, EncodedViews, read_for_device, view_boxes
 from dinocli.augmentations.gpu import ColourParams
-from dinocli.data.images import image_file, load_rgb, open_rgb
+from dinocli.data.images import image_file, load_rgb, open_rgb, read_image_bytes
 from dinocli.data.shards import ShardMember, as_image
 from dinocli.errors import DinoError, UsageError
 from dinocli.interfaces import Augmentation
@@ -131,9 +132,10 @@ class MultiCropDataset(Dataset):
                 if not self.plans:
                     image = open_rgb(path)
                 elif self.on_device:  # the device decodes, crops and colours
-                    with Image.open(image_file(path)) as opened:
+                    encoded = read_image_bytes(path)
+                    with Image.open(io.BytesIO(encoded)) as opened:
                         params = aug.plan(opened.size, generator)
-                        data = read_for_device(path, opened)
+                        data = read_for_device(encoded, opened)
                     sizes = tuple(spec.size for spec in aug.specs)
                     colour = ColourParams.from_views(params)
                     return EncodedViews(

@@ -13,6 +13,7 @@ to the PIL preprocessing within a level or two on a few pixels (``decode_on_devi
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -24,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from dinocli.data import ShardMember, image_file, list_labelled_images, open_rgb
+from dinocli.data import ShardMember, list_labelled_images, open_rgb, read_image_bytes
 from dinocli.data.shards import as_image
 from dinocli.errors import DinoError, UsageError
 from dinocli.evaluate.features_io import Features
@@ -139,8 +140,9 @@ class _Encoded(_Images):
         from dinocli.augmentations.device import read_for_device
 
         try:
-            with Image.open(image_file(self.paths[i])) as opened:
-                return read_for_device(self.paths[i], opened)
+            data = read_image_bytes(self.paths[i])
+            with Image.open(io.BytesIO(data)) as opened:
+                return read_for_device(data, opened)
         except Exception as exc:  # noqa: BLE001 - reported by the main process as one line
             return f"cannot read image {self.paths[i]}: {exc}"
 
