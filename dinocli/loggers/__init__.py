@@ -98,6 +98,7 @@ def open_loggers(
                     "loggers", name, output=Path(output), run_name=Path(output).name, config=config
                 )
             except UsageError:
+                Loggers(loggers, warn).close()  # no run left open by the loggers started before
                 raise
             except DinoError as exc:
                 warn(f"warning: {exc}; training goes on without it")
