@@ -209,3 +209,28 @@ def test_a_resumed_run_replaces_tensorboard_steps_after_its_checkpoint(tmp_path)
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 20.0), (3, 30.0)]
+
+
+def test_loggers_already_started_are_closed_when_a_later_one_cannot_start(tmp_path, fresh_registry, monkeypatch):
+    closed = []
+
+    class Tracker:
+        def __init__(self, **kwargs):
+            pass
+
+        def log(self, record):
+            pass
+
+        def close(self):
+            closed.append(True)
+
+    @dinocli.hookimpl
+    def dinocli_register_loggers(register):
+        register("tracker", Tracker)
+
+    get_registry().add_plugin(SimpleNamespace(dinocli_register_loggers=dinocli_register_loggers),
+                              PluginInfo("tracker-plugin", "test", "0", builtin=False))
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import fails as if absent
+    with pytest.raises(UsageError, match="dinocli\\[tensorboard\\]"):
+        open_loggers("tracker,tensorboard", tmp_path, {}, warn=print)
+    assert closed == [True]
