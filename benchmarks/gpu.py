@@ -27,12 +27,14 @@ multiply-add; the backward counts twice the forward). Every CUDA-only call is gu
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
 import platform
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
@@ -70,7 +72,8 @@ class Settings:
     precisions: tuple[str, ...] = ("bf16",)
     compile_modes: tuple[bool, ...] = (False, True)
     warmup_steps: int = 3
-    steps: int = 10
+    steps: int = 17  # 20 iterations with the warm-up: the losses compared, compiled against eager
+    check_batch: int = 32  # the compiled-against-eager loss check (no stochastic depth)
     files: int = 4096
     file_size: tuple[int, int] = (500, 375)
     e2e_batch: int = 128
@@ -87,7 +90,7 @@ class Settings:
     @classmethod
     def quick(cls) -> Settings:
         return cls(arch="vit_tiny", out_dim=256, global_size=32, local_size=16, local_crops=2,
-                   batches=(4,), precisions=("bf16",), compile_modes=(False,), warmup_steps=1, steps=2,
+                   batches=(4,), precisions=("bf16",), compile_modes=(False,), warmup_steps=1, steps=2, check_batch=4,
                    files=24, file_size=(64, 48), e2e_batch=4, e2e_steps=2, workers=1, extract_batch=8,
                    extract_resize=40, knn_train=1000, knn_val=100, knn_dim=32)
 
@@ -182,23 +185,24 @@ def _mfu(images_per_s: float, flops: float | None, peak: float | None) -> float 
 
 
 def _train_config(s: Settings, device: torch.device, data: Path, out: Path, batch: int, precision: str,
-                  compiled: bool, augment_on: str = "cpu", workers: int = 0):
+                  compiled: bool, augment_on: str = "cpu", workers: int = 0, **more: Any):
     return resolve_config(overrides=dict(
         data=str(data), output=str(out), arch=s.arch, patch_size=s.patch_size,
         out_dim=s.out_dim, global_crop_size=s.global_size, local_crop_size=s.local_size,
         local_crops_number=s.local_crops, batch_size=batch, epochs=10, warmup_epochs=1,
         precision=precision, device=str(device), compile=compiled, progress=False,
-        num_workers=workers, augment_on=augment_on,
+        num_workers=workers, augment_on=augment_on, **more,
     ))
 
 
 def bench_training(s: Settings, device: torch.device, batch: int, precision: str, compiled: bool,
-                   workdir: Path) -> dict[str, Any]:
-    """Images/s and peak memory of ``Trainer.step`` on synthetic multi-crop batches."""
+                   workdir: Path, **more: Any) -> dict[str, Any]:
+    """Images/s, peak memory and the losses of ``Trainer.step`` on synthetic multi-crop batches
+    (the same batch each step; ``more``: other options, e.g. ``drop_path_rate``)."""
     images = workdir / f"train-{batch}"
     if not images.exists():
         write_images(images, batch, 8, ".png")  # the trainer wants one global batch of files
-    cfg = _train_config(s, device, images, workdir / "run", batch, precision, compiled)
+    cfg = _train_config(s, device, images, workdir / "run", batch, precision, compiled, **more)
     reset_memory(device)
     trainer = Trainer(cfg, ProcessGroup(), device, precision, display_rich=False)
     flops = train_flops_per_image(trainer, s)
@@ -208,24 +212,51 @@ def bench_training(s: Settings, device: torch.device, batch: int, precision: str
     views = [v.to(device) for v in views]
     for group in trainer.optimizer.param_groups:
         group["lr"] = 1e-4
+    losses: list[float] = []
     try:
         start = time.perf_counter()
         for _ in range(s.warmup_steps):
-            trainer.step(views, 0.04, 0.996, diagnose=False)
+            losses += trainer.step(views, 0.04, 0.996, diagnose=False)[0]
+        losses += trainer.settle()
         synchronize(device)
         warmup_s = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(s.steps):
-            loss, _ = trainer.step(views, 0.04, 0.996, diagnose=False)
+            losses += trainer.step(views, 0.04, 0.996, diagnose=False)[0]
+        losses += trainer.settle()
         synchronize(device)
         seconds = time.perf_counter() - start
+        trainer.step(views, 0.04, 0.996, diagnose=False)  # a loss in flight, as in the training loop
+        syncs = host_syncs(device, functools.partial(trainer.step, views, 0.04, 0.996, diagnose=False))
+        trainer.settle()
     finally:
         trainer.close()
     memory = peak_memory_mb(device)
     del trainer, views
     reset_memory(device)
     return {"images_per_s": batch * s.steps / seconds, "peak_memory_mb": memory,
-            "warmup_s": warmup_s, "loss": loss, "flops_per_image": flops}
+            "warmup_s": warmup_s, "loss": losses[-1], "losses": losses, "flops_per_image": flops,
+            "host_syncs_per_step": syncs}
+
+
+def host_syncs(device: torch.device, fn: Callable[[], Any]) -> int | None:
+    """How many times ``fn`` makes the host wait for the GPU (torch's sync debug mode); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def max_relative_difference(a: list[float], b: list[float]) -> float:
+    """``max |a_i - b_i| / |b_i|`` over two loss curves of the same length."""
+    assert len(a) == len(b), (len(a), len(b))
+    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
 
 
 def bench_end_to_end(s: Settings, device: torch.device, files: Path, augment_on: str, precision: str,
@@ -242,14 +273,15 @@ def bench_end_to_end(s: Settings, device: torch.device, files: Path, augment_on:
         group["lr"] = 1e-4
     try:
         dataset = MultiCropDataset(trainer.paths, trainer.augmentation, seed=0, on_device=augment_on == "gpu")
-        rate = end_to_end_rate(trainer, dataset, s.workers, s.e2e_batch, s.e2e_steps)
+        rate, losses = end_to_end_rate(trainer, dataset, s.workers, s.e2e_batch, s.e2e_steps)
         flops = train_flops_per_image(trainer, s)
     finally:
         trainer.close()
     memory = peak_memory_mb(device)
     del trainer
     reset_memory(device)
-    return {"images_per_s": rate, "peak_memory_mb": memory, "flops_per_image": flops, "workers": s.workers}
+    return {"images_per_s": rate, "peak_memory_mb": memory, "flops_per_image": flops, "workers": s.workers,
+            "losses": losses}
 
 
 @torch.no_grad()
@@ -316,6 +348,8 @@ def run(s: Settings, device: torch.device, peak: float | None = None,
         mem = f", peak {r['peak_memory_mb']:.0f} MiB" if r["peak_memory_mb"] else ""
         extra = f", MFU {100 * mfu:.1f}%" if mfu is not None else ""
         warm = f" (warm-up {r['warmup_s']:.0f}s)" if "warmup_s" in r else ""
+        if r.get("host_syncs_per_step") is not None:
+            mem += f", {r['host_syncs_per_step']} host sync(s) per step"
         return {"what": name, **r, "mfu": mfu, "result": f"{r['images_per_s']:.0f} img/s{extra}{mem}{warm}"}
 
     def budget_left(name: str) -> bool:
@@ -345,13 +379,26 @@ def run(s: Settings, device: torch.device, peak: float | None = None,
                         reset_memory(device)
                         continue
                     rows.append(train_row(name, r))
+        if True in s.compile_modes:
+            iters = s.warmup_steps + s.steps
+            name = f"losses of {iters} iterations, compile vs eager (b{s.check_batch} {low}, no stochastic depth)"
+            if budget_left(name):
+                log(f"... {name}")
+                eager, compiled = (bench_training(s, device, s.check_batch, low, c, workdir, drop_path_rate=0.0)
+                                   for c in (False, True))
+                rows.append(loss_row(name, compiled["losses"], eager["losses"]))
+        end_to_end: dict[str, dict[str, Any]] = {}
         for augment_on in ("cpu", "gpu"):
             name = (f"train end to end from {s.file_size[0]}x{s.file_size[1]} JPEGs, {crops} b{s.e2e_batch} {low},"
                     f" --augment-on {augment_on}, {s.workers} workers")
             if not budget_left(name):
                 continue
             log(f"... {name}")
-            rows.append(train_row(name, bench_end_to_end(s, device, files, augment_on, low, workdir)))
+            end_to_end[augment_on] = bench_end_to_end(s, device, files, augment_on, low, workdir)
+            rows.append(train_row(name, end_to_end[augment_on]))
+        if len(end_to_end) == 2:
+            rows.append(loss_row(f"losses of the {s.e2e_steps} end-to-end iterations, --augment-on gpu vs cpu",
+                                 end_to_end["gpu"]["losses"], end_to_end["cpu"]["losses"]))
         log("... extract")
         e = bench_extract(s, device, low, files)
         rows.append({"what": f"extract {s.arch}/{s.patch_size} {s.global_size}px forward {low}", **e,
@@ -368,6 +415,13 @@ def run(s: Settings, device: torch.device, peak: float | None = None,
     if device.type == "cuda":
         rows.append({"what": "peak GPU memory of the run", "result": f"{peak_memory_mb(device):.0f} MiB"})
     return rows
+
+
+def loss_row(name: str, losses: list[float], reference: list[float]) -> dict[str, Any]:
+    """A table row: how far one loss curve is from another (bf16 rounds to 2^-8 = 3.9e-3)."""
+    d = max_relative_difference(losses, reference)
+    return {"what": name, "max_relative_difference": d, "losses": losses, "reference_losses": reference,
+            "result": f"max relative difference {d:.1e} (bf16 rounding 3.9e-3)"}
 
 
 def table(rows: list[dict[str, Any]], header: str) -> str:

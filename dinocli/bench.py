@@ -118,17 +118,20 @@ def step_rate(trainer, batch, steps: int) -> float:
     """Images/s of ``trainer.step`` on ``batch`` (the same batch each time; one warm-up step)."""
     temp, momentum = trainer.schedules.teacher_temp(0), trainer.schedules.momentum(0)
     trainer.step(batch, temp, momentum, diagnose=False)
+    trainer.settle()
     _sync(trainer.device)
     start = time.perf_counter()
     for _ in range(steps):
         trainer.step(batch, temp, momentum, diagnose=False)
+    trainer.settle()
     _sync(trainer.device)
     return steps * n_images(batch) / (time.perf_counter() - start)
 
 
-def end_to_end_rate(trainer, dataset, num_workers: int, batch_size: int, steps: int) -> float:
+def end_to_end_rate(trainer, dataset, num_workers: int, batch_size: int, steps: int) -> tuple[float, list[float]]:
     """Images/s from files to the end of ``trainer.step``: a ``DataLoader`` with ``num_workers``
-    workers feeding the training steps (after one warm-up batch, so worker start-up is left out)."""
+    workers feeding the training steps (after one warm-up batch, so worker start-up is left out);
+    and the losses of the timed steps."""
     from dinocli.data.multicrop_dataset import collate_multicrop
 
     indices = [i % len(dataset) for i in range((steps + 1) * batch_size)]
@@ -143,14 +146,16 @@ def end_to_end_rate(trainer, dataset, num_workers: int, batch_size: int, steps: 
     temp, momentum = trainer.schedules.teacher_temp(0), trainer.schedules.momentum(0)
     it = iter(loader)
     trainer.step(next(it).crops, temp, momentum, diagnose=False)
+    trainer.settle()
     _sync(trainer.device)
-    start, n = time.perf_counter(), 0
+    start, n, losses = time.perf_counter(), 0, []
     for batch in it:
         if n_images(batch.crops):
-            trainer.step(batch.crops, temp, momentum, diagnose=False)
+            losses += trainer.step(batch.crops, temp, momentum, diagnose=False)[0]
             n += n_images(batch.crops)
+    losses += trainer.settle()
     _sync(trainer.device)
-    return n / max(time.perf_counter() - start, 1e-9)
+    return n / max(time.perf_counter() - start, 1e-9), losses
 
 
 def n_images(crops) -> int:
@@ -215,7 +220,7 @@ def run_bench(
             if not batch.crops:
                 raise UsageError(f"no image under {data} could be decoded")
             step = step_rate(trainer, batch.crops, steps)
-            end_to_end = end_to_end_rate(trainer, dataset, workers, batch_size, steps)
+            end_to_end, _ = end_to_end_rate(trainer, dataset, workers, batch_size, steps)
         finally:
             trainer.close()
     recommended = recommend_workers(step, per_worker, cpus)

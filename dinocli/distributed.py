@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-import math
 import os
 import signal
 from collections.abc import Iterator
@@ -85,27 +84,35 @@ class StepAgreement:
     stop: bool  # at least one process was asked to stop (Ctrl-C)
 
 
-def agree_on_step(loss: torch.Tensor, n_samples: int, stop: bool = False) -> StepAgreement:
+def agree_on_step(loss: torch.Tensor, n_samples: int, stop: bool = False) -> torch.Tensor:
     """One all-reduce per step: the global mean loss, whether it is finite everywhere, and a stop.
 
     Called by every process before the backward pass, so that a non-finite loss or an interruption
-    on one process stops all of them at the same iteration instead of leaving the others waiting
-    in the gradient all-reduce. In a single process it costs what ``loss.item()`` costs.
+    on one process is seen by all of them at the same iteration instead of leaving the others
+    waiting in the gradient all-reduce. Returns the agreement still on the device (``[loss x
+    samples, samples, non-finite processes, stops]``, summed over processes): nothing waits for
+    the device until :func:`read_agreements` reads it, so the host can queue the next step first.
     """
-    if not is_distributed():
-        value = float(loss.detach().float())
-        return StepAgreement(loss=value, finite=math.isfinite(value), stop=stop)
-    loss = loss.detach().double().reshape(())
+    dtype = torch.float32 if loss.device.type == "mps" else torch.float64  # MPS has no float64
+    loss = loss.detach().to(dtype).reshape(())
     finite = torch.isfinite(loss)
     stats = torch.stack([
-        torch.where(finite, loss * n_samples, torch.zeros_like(loss)),
-        torch.tensor(float(n_samples), dtype=torch.float64, device=loss.device),
-        (~finite).double(),
-        torch.tensor(float(stop), dtype=torch.float64, device=loss.device),
+        torch.where(finite, loss * n_samples, loss),  # a non-finite loss stays inf or nan
+        torch.tensor(float(n_samples), dtype=dtype, device=loss.device),
+        (~finite).to(dtype),
+        torch.tensor(float(stop), dtype=dtype, device=loss.device),
     ])
-    total, count, bad, stops = all_reduce_sum(stats).tolist()
-    mean = total / max(count, 1.0) if bad == 0 else float("nan")
-    return StepAgreement(loss=mean, finite=bad == 0, stop=stops > 0)
+    return all_reduce_sum(stats)
+
+
+def read_agreements(pending: list[torch.Tensor]) -> list[StepAgreement]:
+    """The :func:`agree_on_step` results of several steps, read with one host-device sync."""
+    if not pending:
+        return []
+    out = []
+    for total, count, bad, stops in torch.stack(pending).tolist():
+        out.append(StepAgreement(loss=total / max(count, 1.0), finite=bad == 0, stop=stops > 0))
+    return out
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from dinocli.distributed import (
     agree_on_step,
     global_batch_noise,
     keep_mask,
+    read_agreements,
     step_seed,
 )
 from dinocli.registry import create_backbone
@@ -160,9 +161,11 @@ def test_vit_with_stochastic_depth_gives_each_sample_the_same_output_in_any_shar
 
 
 def test_agreement_in_a_single_process_is_the_loss_itself():
-    agreed = agree_on_step(torch.tensor(2.5), 4, stop=True)
+    agreed, bad = read_agreements([agree_on_step(torch.tensor(2.5), 4, stop=True),
+                                   agree_on_step(torch.tensor(float("inf")), 4)])
     assert (agreed.loss, agreed.finite, agreed.stop) == (2.5, True, True)
-    assert not agree_on_step(torch.tensor(float("inf")), 4).finite
+    assert not bad.finite and not bad.stop and bad.loss == float("inf")
+    assert read_agreements([]) == []
 
 
 def test_compile_option_compiles_both_backbones_and_keeps_checkpoint_keys(images, tmp_path):
@@ -198,11 +201,13 @@ def _two_process_worker(rank: int, port: int, images: str, out: str, results: st
     group, device = init_distributed("cpu")
     record: dict = {"group": [group.rank, group.world_size, group.local_rank]}
     losses, counts = (1.0, 4.0), (3, 1)
-    a = agree_on_step(torch.tensor(losses[rank]), counts[rank])
+    a, b, c = read_agreements([
+        agree_on_step(torch.tensor(losses[rank]), counts[rank]),
+        agree_on_step(torch.tensor(float("nan") if rank == 1 else 1.0), 2),
+        agree_on_step(torch.tensor(1.0), 2, stop=rank == 0),
+    ])
     record["mean"] = [a.loss, a.finite, a.stop]
-    b = agree_on_step(torch.tensor(float("nan") if rank == 1 else 1.0), 2)
     record["nan_on_one"] = [b.finite, b.stop]
-    c = agree_on_step(torch.tensor(1.0), 2, stop=rank == 0)
     record["stop_on_one"] = [c.finite, c.stop]
     record["same"] = [same_on_all_processes(7), same_on_all_processes(rank)]
     destroy_distributed()

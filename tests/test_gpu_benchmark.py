@@ -43,5 +43,9 @@ def test_quick_run_on_the_cpu_measures_every_row(tmp_path, capsys):
             assert r["images_per_s"] > 0 and r["flops_per_image"] > 0 and r["mfu"] is None  # no peak on a CPU
     knn = next(r for r in rows if r["what"].startswith("k-NN"))
     assert knn["backend"] == "faiss-cpu" and knn["top1_k20"] > 50  # well separated clusters
+    same = next(r for r in rows if "--augment-on gpu vs cpu" in r["what"])
+    assert len(same["losses"]) == len(same["reference_losses"]) == 2  # the timed end-to-end steps
+    assert 0 <= same["max_relative_difference"] < 4e-3  # the views differ by the resize's rounding only
     train = next(r for r in rows if r["what"].startswith("train step"))
+    assert len(train["losses"]) == 3 and train["host_syncs_per_step"] is None  # warm-up + timed; no CUDA
     assert train["loss"] == pytest.approx(train["loss"]) and 0 < train["loss"] < 20  # finite, about log(K)

@@ -56,6 +56,7 @@ def resize_weights(
     offset: torch.Tensor | None = None,
     flip: torch.Tensor | None = None,
     interpolation: str = "bicubic",
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Weight matrices ``[N, count, padded]`` (float32) of an antialiased 1-d resize per view.
 
@@ -64,28 +65,33 @@ def resize_weights(
     where ``flip``. The rule is torch's ``_compute_indices_weights_aa`` (and PIL's): output ``i``
     is centred at ``(i + 0.5) * scale`` with ``scale = length / out_size``; its filter is
     stretched by ``max(scale, 1)`` and its weights, cut to the box, are normalised to sum 1.
+    The geometry comes as CPU tensors and the weights are made on ``device`` (``start``'s by
+    default): the host reads nothing back from the device.
     """
     if interpolation not in FILTER_SUPPORT:
         raise ValueError(f"no device resize for interpolation {interpolation!r}")
-    dev = start.device
-    start, length, out_size = (t.to(torch.float64).view(-1, 1) for t in (start, length, out_size))
+    dev = torch.device(device) if device is not None else start.device
+    widest = float((length.double() / out_size.double()).clamp_min(1.0).max())  # where they are: the CPU
+    taps = math.ceil(2 * FILTER_SUPPORT[interpolation] * widest) + 2
+    start, length, out_size = (
+        t.to(torch.float64).to(dev, non_blocking=True).view(-1, 1) for t in (start, length, out_size)
+    )
     i = torch.arange(count, device=dev, dtype=torch.float64).view(1, -1)
     if offset is not None:
-        i = i + offset.to(torch.float64).view(-1, 1)
+        i = i + offset.to(torch.float64).to(dev, non_blocking=True).view(-1, 1)
     scale = length / out_size
     stretch = scale.clamp_min(1.0)
     support = FILTER_SUPPORT[interpolation] * stretch
     center = scale * (i + 0.5)  # [N, count]
     lo = (center - support + 0.5).trunc().clamp_min(0)
     hi = torch.minimum((center + support + 0.5).trunc(), length)
-    taps = int(math.ceil(2 * float(support.max()))) + 2
     x = lo.unsqueeze(-1) + torch.arange(taps, device=dev, dtype=torch.float64)  # [N, count, taps]
     w = _filter((x - center.unsqueeze(-1) + 0.5) / stretch.unsqueeze(-1), interpolation)
     w = w * (x < hi.unsqueeze(-1))
     w = w / w.sum(-1, keepdim=True).clamp_min(1e-12)
     if flip is not None:
         j = torch.arange(count, device=dev)
-        index = torch.where(flip.view(-1, 1).to(dev), count - 1 - j, j).unsqueeze(-1).expand_as(w)
+        index = torch.where(flip.view(-1, 1).to(dev, non_blocking=True), count - 1 - j, j).unsqueeze(-1).expand_as(w)
         w, x = w.gather(1, index), x.gather(1, index)
     column = (x + start.unsqueeze(-1)).clamp_(0, padded - 1).long()
     dense = torch.zeros(w.shape[0], count, padded, dtype=torch.float32, device=dev)
@@ -255,14 +261,14 @@ class EncodedBatch:
             if not keep:
                 return []
         batch = pad_batch([images[k] for k in keep])
-        boxes = self.boxes[keep].to(device, non_blocking=True)
+        boxes = self.boxes[keep]  # on the CPU: resize_weights reads nothing back from the device
         crops: list[torch.Tensor] = [torch.empty(0)] * len(self.sizes)
         for size in dict.fromkeys(self.sizes):
             views = [v for v, s in enumerate(self.sizes) if s == size]
             b = boxes[:, views].reshape(-1, 5)
             full = b.new_full((b.shape[0],), size)
-            rows = resize_weights(b[:, 0], b[:, 2], full, batch.shape[2], size)
-            cols = resize_weights(b[:, 1], b[:, 3], full, batch.shape[3], size, flip=b[:, 4].bool())
+            rows = resize_weights(b[:, 0], b[:, 2], full, batch.shape[2], size, device=device)
+            cols = resize_weights(b[:, 1], b[:, 3], full, batch.shape[3], size, flip=b[:, 4].bool(), device=device)
             shape = (len(keep), len(views), size, -1)
             out = resample(batch, rows.view(shape), cols.view(shape))
             for j, v in enumerate(views):
@@ -312,8 +318,8 @@ def eval_views(
     batch = pad_batch(images)
     zero = torch.zeros_like(h)
     rows, cols = (
-        resize_weights(zero.to(device), n.to(device), s.to(device), batch.shape[axis], crop_size,
-                       offset=o.to(device), interpolation=interpolation)
+        resize_weights(zero, n, s, batch.shape[axis], crop_size, offset=o, interpolation=interpolation,
+                       device=device)
         for n, s, o, axis in ((h, new_h, top, 2), (w, new_w, left, 3))
     )  # fmt: skip
     out = resample(batch, rows.unsqueeze(1), cols.unsqueeze(1))[:, 0]

@@ -107,7 +107,7 @@ def _per_view(factor: torch.Tensor, x: torch.Tensor) -> torch.Tensor | float:
     """A factor per view, broadcastable over ``x``; a plain number for a single view (cheaper)."""
     if factor.numel() == 1:
         return float(factor)
-    return factor.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
+    return factor.to(x.dtype).to(x.device, non_blocking=True).view(-1, 1, 1, 1)  # no wait for the device
 
 
 def _blend_(x: torch.Tensor, ref: torch.Tensor | float, factor: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from dinocli.distributed import (
     destroy_distributed,
     global_batch_noise,
     init_distributed,
+    read_agreements,
     same_on_all_processes,
     step_seed,
 )
@@ -220,6 +221,7 @@ class Trainer:
         self._last_knn: dict[str, float] = {}
         self._interrupted = False
         self._stop_agreed = False
+        self._unsettled: list[tuple[int, int, torch.Tensor]] = []  # (epoch, iteration, agreement)
         # last: nothing after it can fail and leave a logger's run open
         self.metrics = open_loggers(cfg.logger, self.out, cfg.to_dict(), warn=self.display.log, enabled=group.is_main)
 
@@ -362,7 +364,7 @@ class Trainer:
         self.student.train()
         self.display.start_epoch(self.epoch, done)
         temp = sched.teacher_temp(self.epoch)
-        total, count, skipped = 0.0, 0, 0
+        total, count, skipped, stepped = 0.0, 0, 0, False
         tick, tick_images = time.perf_counter(), 0
         start = time.perf_counter()
         for views, n_skipped in loader:
@@ -376,9 +378,10 @@ class Trainer:
                 group["lr"] = lr
                 if i == 0:
                     group["weight_decay"] = wd
-            log_now = (self.iteration + 1) % cfg.log_every == 0 or count == 0
-            loss, extra = self.step(views, temp, momentum, diagnose=log_now)
-            total, count = total + loss, count + 1
+            log_now = (self.iteration + 1) % cfg.log_every == 0 or not stepped  # and the first step
+            losses, extra = self.step(views, temp, momentum, diagnose=log_now)
+            stepped = True
+            total, count = total + sum(losses), count + len(losses)
             self.iteration += 1
             if self._stop_agreed or (self.group.world_size == 1 and self._interrupted):
                 self._save_interrupted()
@@ -387,7 +390,7 @@ class Trainer:
             if log_now:
                 now = time.perf_counter()
                 record = {
-                    "epoch": self.epoch, "iteration": self.iteration, "loss": loss, "lr": lr,
+                    "epoch": self.epoch, "iteration": self.iteration, "loss": losses[-1], "lr": lr,
                     "wd": wd, "momentum": momentum, "teacher_temp": temp,
                     "images_per_s": tick_images / max(now - tick, 1e-9), **extra,
                 }
@@ -397,8 +400,10 @@ class Trainer:
                     record["collapse_warning"] = ",".join(issued)
                 self.metrics.write(record)
                 self.display.update({**record, **self._last_knn}, log_line=True)
-            else:
-                self.display.update({"loss": loss}, log_line=False)
+            elif losses:
+                self.display.update({"loss": losses[-1]}, log_line=False)
+        losses = self.settle()
+        total, count = total + sum(losses), count + len(losses)
         self.skipped_images += skipped
         elapsed = time.perf_counter() - start
         record = {
@@ -414,11 +419,14 @@ class Trainer:
 
     def step(
         self, views: list[torch.Tensor], temp: float, momentum: float, diagnose: bool = True
-    ) -> tuple[float, dict]:
+    ) -> tuple[list[float], dict]:
         """One iteration: forward both networks, DINO loss, update the student, then the teacher.
 
-        With ``diagnose`` (logged iterations), the returned figures include the strategy's metrics
-        and the collapse diagnostics (:func:`dinocli.train.diagnostics.batch_diagnostics`).
+        The host does not wait for the device inside the step: this iteration's loss is read at the
+        next step (or by :meth:`settle`), once the device has the next iteration queued. Returns
+        the losses read (:meth:`settle` keeping this step's; every loss, this one last, with
+        ``diagnose``) and, with ``diagnose`` (logged iterations), the strategy's metrics and the
+        collapse diagnostics (:func:`dinocli.train.diagnostics.batch_diagnostics`).
         """
         cfg = self.cfg
         fmt = torch.channels_last if self.channels_last else torch.preserve_format
@@ -440,19 +448,9 @@ class Trainer:
         reg = self._call_strategy("regularizer", student_emb[:n_global_rows].float(), student_logits.float())
         if reg is not None:
             loss = loss + reg
-        # All processes agree on the mean loss, on stopping, and on going on, before the backward.
-        agreed = agree_on_step(loss, views[0].shape[0], stop=self._interrupted)
-        self._stop_agreed = agreed.stop
-        value = agreed.loss
-        if not agreed.finite:
-            world = self.group.world_size
-            where = f" on at least one of {world} processes" if world > 1 else ""
-            raise DinoError(
-                f"the loss became {value} at epoch {self.epoch + 1}, iteration {self.iteration + 1}"
-                f"{where}; "
-                f"the last checkpoint ({self.out / LATEST}) is intact. Try --precision fp32, a "
-                "lower --lr, a smaller --clip-grad or a longer --warmup-epochs"
-            )
+        # All processes agree on the mean loss, on stopping, and on going on; read by settle().
+        agreement = agree_on_step(loss, views[0].shape[0], stop=self._interrupted)
+        self._unsettled.append((self.epoch, self.iteration, agreement))
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -472,14 +470,39 @@ class Trainer:
         ema_update(self.teacher, self.student, momentum)
         self._call_strategy("update", teacher_logits)
         if not diagnose:
-            return value, {}
+            return self.settle(keep=1), {}
+        losses = self.settle()
         extra = {k: float(v) for k, v in self._call_strategy("metrics").items()}
         extra.update(
             batch_diagnostics(targets, student_logits.detach(), teacher_emb, self.n_crops, STUDENT_TEMP)
         )
         if self.device.type == "cuda":
             extra["max_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
-        return value, extra
+        return losses, extra
+
+    def settle(self, keep: int = 0) -> list[float]:
+        """The mean losses of the steps whose losses are still on the device, all but the newest
+        ``keep``, read with one host-device sync. Raises :class:`DinoError` for a non-finite one
+        (no checkpoint has been written since: a checkpoint is written after a settle), and notes
+        a stop that a process asked for (Ctrl-C), so that all processes stop at the same step.
+        """
+        ready = self._unsettled[: max(len(self._unsettled) - keep, 0)]
+        if not ready:
+            return []
+        del self._unsettled[: len(ready)]
+        losses = []
+        for (epoch, iteration, _), agreed in zip(ready, read_agreements([a for *_, a in ready])):
+            self._stop_agreed = self._stop_agreed or agreed.stop
+            if not agreed.finite:
+                world = self.group.world_size
+                where = f" on at least one of {world} processes" if world > 1 else ""
+                raise DinoError(
+                    f"the loss became {agreed.loss} at epoch {epoch + 1}, iteration {iteration + 1}"
+                    f"{where}; the last checkpoint ({self.out / LATEST}) is intact. Try --precision "
+                    "fp32, a lower --lr, a smaller --clip-grad or a longer --warmup-epochs"
+                )
+            losses.append(agreed.loss)
+        return losses
 
     def _call_strategy(self, method: str, *args: Any) -> Any:
         """``self.strategy.<method>(*args)``; a failure names the plugin behind ``--collapse``."""
@@ -549,6 +572,7 @@ class Trainer:
 
     def _save_interrupted(self) -> None:
         """Ctrl-C: keep the last completed iteration (resume accepts it), then stop."""
+        self.settle()  # no checkpoint of a step whose loss was not finite
         self.display.close()
         self.save(end_of_epoch=False)
         self.display.log(

@@ -92,6 +92,8 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float, mode: str = "per
     if mode == "global":
         torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         return
-    norms = torch._foreach_norm(grads)
-    scales = [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms]
+    scales = torch._foreach_add(torch._foreach_norm(grads), 1e-6)  # a few kernels, not one per tensor
+    torch._foreach_reciprocal_(scales)
+    torch._foreach_mul_(scales, max_norm)
+    torch._foreach_clamp_max_(scales, 1.0)
     torch._foreach_mul_(grads, scales)
