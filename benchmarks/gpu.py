@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dinocli import create_backbone
 from dinocli.distributed import ProcessGroup
@@ -284,6 +285,47 @@ def bench_end_to_end(s: Settings, device: torch.device, files: Path, augment_on:
             "losses": losses}
 
 
+def bench_device_augment(s: Settings, device: torch.device, files: Path, repeats: int = 5) -> dict[str, Any]:
+    """Milliseconds per batch of ``--augment-on gpu``'s work in the training process
+    (``EncodedBatch.finish``: decode, crops, colour of every view): the host's time to queue it,
+    which the training step's own kernels wait behind, and the time until the device is done."""
+    from dinocli.data.multicrop_dataset import MultiCropDataset, collate_multicrop
+    from dinocli.registry import create_augmentation
+
+    cfg = _train_config(s, device, files, files, s.e2e_batch, "fp32", False)
+    augmentation = create_augmentation(
+        cfg.augmentation, global_crops_scale=cfg.global_crops_scale, local_crops_scale=cfg.local_crops_scale,
+        local_crops_number=cfg.local_crops_number, global_crop_size=cfg.global_crop_size,
+        local_crop_size=cfg.local_crop_size,
+    )
+    dataset = MultiCropDataset(sorted(files.iterdir()), augmentation, seed=0, on_device=True)
+    batch = collate_multicrop([dataset[i % len(dataset)] for i in range(s.e2e_batch)]).crops
+    if device.type == "cuda":
+        batch = batch.pin_memory()
+    batch.finish(device)  # warm-up
+    synchronize(device)
+    host, start = [], time.perf_counter()
+    for _ in range(repeats):
+        t = time.perf_counter()
+        batch.finish(device)
+        host.append(time.perf_counter() - t)
+    synchronize(device)
+    done_ms = 1000 * (time.perf_counter() - start) / repeats
+    with OpCounter() as ops:
+        batch.finish(device)
+    return {"host_ms": 1000 * min(host), "done_ms": done_ms, "ops": ops.count, "batch": s.e2e_batch}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operations run inside it (on a GPU, about one kernel launch or copy each)."""
+
+    count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 @torch.no_grad()
 def bench_extract(s: Settings, device: torch.device, precision: str, files: Path) -> dict[str, Any]:
     """Backbone forward images/s on tensors, and ``extract_features`` images/s from the JPEG files
@@ -387,6 +429,12 @@ def run(s: Settings, device: torch.device, peak: float | None = None,
                 eager, compiled = (bench_training(s, device, s.check_batch, low, c, workdir, drop_path_rate=0.0)
                                    for c in (False, True))
                 rows.append(loss_row(name, compiled["losses"], eager["losses"]))
+        name = f"--augment-on gpu work of the training process, b{s.e2e_batch} {crops} from {s.file_size[0]}x{s.file_size[1]} JPEGs"
+        if budget_left(name):
+            log(f"... {name}")
+            a = bench_device_augment(s, device, files)
+            rows.append({"what": name, **a,
+                         "result": f"host {a['host_ms']:.1f} ms per batch ({a['ops']} ops), done after {a['done_ms']:.1f} ms"})
         end_to_end: dict[str, dict[str, Any]] = {}
         for augment_on in ("cpu", "gpu"):
             name = (f"train end to end from {s.file_size[0]}x{s.file_size[1]} JPEGs, {crops} b{s.e2e_batch} {low},"
@@ -441,6 +489,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--files", type=int, help="generated JPEG files (default 4096)")
     parser.add_argument("--workers", type=int, help="data-loading workers (default min(16, CPUs))")
+    parser.add_argument("--e2e-batch", type=int, help="batch of the end-to-end rows (default 128)")
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the device, for the MFU")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
@@ -460,6 +509,8 @@ def main(argv: list[str] | None = None) -> None:
         s.files = args.files
     if args.workers is not None:
         s.workers = args.workers
+    if args.e2e_batch:
+        s.e2e_batch = args.e2e_batch
     peak = peak_flops(device, args.peak_tflops)
     start = time.perf_counter()
     rows = run(s, device, peak)

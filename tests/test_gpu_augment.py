@@ -233,10 +233,10 @@ def test_mixed_jitter_pass_equals_each_operation():
 def test_jitter_steps_put_every_hue_on_step_three_and_keep_each_order():
     jitter, orders = [True, True, False, True], [[3, 0, 1, 2], [0, 1, 2, 3], [0, 1, 2, 3], [2, 3, 0, 1]]
     steps = gpu._jitter_steps(jitter, orders)
-    assert steps[2] == [-1] * gpu.JITTER_STEPS
+    assert steps[2].tolist() == [-1] * gpu.JITTER_STEPS
     for row, order, on in zip(steps, orders, jitter):
         if on:
-            assert row[3] == 3 and [k for k in row if k >= 0] == order
+            assert row[3] == 3 and [k for k in row.tolist() if k >= 0] == order
 
 
 def test_public_operations_leave_their_input_alone(photo):

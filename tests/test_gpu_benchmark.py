@@ -49,3 +49,14 @@ def test_quick_run_on_the_cpu_measures_every_row(tmp_path, capsys):
     train = next(r for r in rows if r["what"].startswith("train step"))
     assert len(train["losses"]) == 3 and train["host_syncs_per_step"] is None  # warm-up + timed; no CUDA
     assert train["loss"] == pytest.approx(train["loss"]) and 0 < train["loss"] < 20  # finite, about log(K)
+    host = next(r for r in rows if r["what"].startswith("--augment-on gpu work of the training process"))
+    assert 0 < host["host_ms"] <= host["done_ms"] and host["ops"] > 0 and host["batch"] == 4
+
+
+def test_op_counter_counts_the_aten_operations_run_inside_it():
+    import torch
+
+    with load_script().OpCounter() as ops:
+        x = torch.ones(3)
+        (x + 1).mul_(2).sum()
+    assert ops.count == 4  # ones, add, mul_, sum

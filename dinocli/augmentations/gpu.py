@@ -27,7 +27,6 @@ conversions and ``torch.where`` (slow there), and the jitter of all views takes 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -146,8 +145,8 @@ def _hue_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     torch.eq(r, mx, out=is_max)
     hue.addcmul_(is_max, (g - b).sub_(hue))
     hue.mul_(chroma.clamp_min(1e-6).reciprocal_())  # in [-1, 5]
-    shifts = [math.trunc(f * 255) * (6 / 255) for f in factor.tolist()]  # PIL: whole 1/255 turns
-    offsets = torch.tensor([[(s + n) % 6 - 5 for n in (5.0, 3.0, 1.0)] for s in shifts], dtype=x.dtype)
+    shifts = np.trunc(factor.detach().cpu().numpy() * 255) * (6 / 255)  # PIL: whole 1/255 turns
+    offsets = torch.from_numpy((shifts.reshape(-1, 1) + np.array([5.0, 3.0, 1.0])) % 6 - 5).to(x.dtype)
     k = hue + offsets.view(-1, 3, 1, 1).to(x.device, non_blocking=True)  # in [-6, 6)
     return torch.addcmul(mn, k.abs_().sub_(3).abs_().sub_(1).clamp_(0, 1), chroma, out=x).round_()
 
@@ -189,15 +188,16 @@ def adjust_jitter_(x: torch.Tensor, kinds: Sequence[int], factor: torch.Tensor) 
     pass, each as the blend ``r + f (x - r)`` with ``r`` zero, its mean grey level or its grey
     image: the same arithmetic, so the same levels, as each operation alone.
     """
-    if len(set(kinds)) == 1:
-        return _JITTER[kinds[0]](x, factor)
-    if 3 in kinds:
+    k = np.asarray(kinds).reshape(-1)
+    if (k == k[0]).all():
+        return _JITTER[int(k[0])](x, factor)
+    if (k == 3).any():
         raise ValueError("hue cannot be done in one pass with other jitter operations")
     g = grey(x)
-    masks = torch.tensor([[k == 1, k == 2] for k in kinds], dtype=x.dtype).to(x.device, non_blocking=True)
-    is_contrast, is_saturation = masks.T.reshape(2, -1, 1, 1, 1)
+    masks = torch.from_numpy(np.stack([k == 1, k == 2]).astype(np.float32)).to(x.dtype)
+    is_contrast, is_saturation = masks.to(x.device, non_blocking=True).reshape(2, -1, 1, 1, 1)
     ref = _mean_grey(g).mul_(is_contrast)
-    if 2 in kinds:
+    if (k == 2).any():
         ref = g.mul_(is_saturation).add_(ref)  # exactly 0, the mean or the grey image
     return _blend_(x, ref, factor)
 
@@ -226,19 +226,38 @@ def pil_blur_kernel(sigma: float, passes: int = BLUR_PASSES) -> torch.Tensor:
     PIL runs ``passes`` box filters of a fractional radius ``l + a`` (weights 1 inside, ``a`` at
     both ends); their convolution is the kernel here.
     """
-    if sigma <= 0:
-        return torch.ones(1, dtype=torch.float64)
+    return torch.from_numpy(pil_blur_kernels([sigma], passes)[0])
+
+
+def pil_blur_kernels(sigmas: Sequence[float], passes: int = BLUR_PASSES) -> list[np.ndarray]:
+    """:func:`pil_blur_kernel` of each sigma (``[1.0]`` for ``sigma <= 0``), computed together for
+    the sigmas of the same box length (a batch has hundreds of blurred views)."""
+    s = np.asarray(sigmas, dtype=np.float64).reshape(-1)
+    out = [np.ones(1)] * len(s)
+    blurred = s > 0
     # Pillow's _gaussian_blur_radius: box length, its integer and fractional radius
-    var = sigma * sigma / passes
-    length = math.sqrt(12.0 * var + 1.0)
-    l = math.floor((length - 1.0) / 2.0)
+    var = np.where(blurred, s * s / passes, 1.0)
+    l = np.floor((np.sqrt(12.0 * var + 1.0) - 1.0) / 2.0)
     a = (2 * l + 1) * (l * (l + 1) - 3 * var) / (6 * (var - (l + 1) * (l + 1)))
-    box = np.array([a] + [1.0] * (2 * l + 1) + [a])
-    box /= box.sum()
-    kernel = box
-    for _ in range(passes - 1):
-        kernel = np.convolve(kernel, box)
-    return torch.from_numpy(kernel)
+    for radius in np.unique(l[blurred]):
+        (rows,) = np.nonzero(blurred & (l == radius))
+        box = np.ones((len(rows), 2 * int(radius) + 3))
+        box[:, 0] = box[:, -1] = a[rows]
+        box /= box.sum(axis=1, keepdims=True)
+        kernel = box
+        for _ in range(passes - 1):
+            kernel = _convolve_rows(kernel, box)
+        for i, k in zip(rows.tolist(), kernel):
+            out[i] = k
+    return out
+
+
+def _convolve_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The full convolution of each row of ``a`` with the same row of ``b``."""
+    out = np.zeros((a.shape[0], a.shape[1] + b.shape[1] - 1))
+    for j in range(b.shape[1]):
+        out[:, j : j + a.shape[1]] += a * b[:, j : j + 1]
+    return out
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -249,17 +268,15 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 def _blur_where(x: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
     """:func:`gaussian_blur` in place of the views whose sigma is > 0, in groups of equal kernel
     length (7 taps below sigma ~1.41, 13 above): a small sigma costs a short kernel."""
-    halves = [_half_kernel(s) if s > 0 else [] for s in sigmas]
-    for n in sorted({len(h) for h in halves} - {0}):
-        weights = torch.tensor([h if len(h) == n else [0.0] * n for h in halves], dtype=x.dtype)
-        x = _apply_to(x, [len(h) == n for h in halves], _blur_, weights, max_runs=1)
+    halves = [k[len(k) // 2 :] if s > 0 else None for s, k in zip(sigmas, pil_blur_kernels(sigmas))]
+    for n in sorted({len(h) for h in halves if h is not None}):
+        select = [h is not None and len(h) == n for h in halves]
+        weights = np.zeros((len(halves), n))
+        for i, h in enumerate(halves):
+            if select[i]:
+                weights[i] = h
+        x = _apply_to(x, select, _blur_, torch.from_numpy(weights).to(x.dtype), max_runs=1)
     return x
-
-
-def _half_kernel(sigma: float) -> list[float]:
-    """The centre and one side of :func:`pil_blur_kernel`."""
-    kernel = pil_blur_kernel(sigma)
-    return kernel[len(kernel) // 2 :].tolist()
 
 
 def _blur_(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -322,21 +339,20 @@ def _apply_to(
 JITTER_STEPS = 7
 
 
-def _jitter_steps(jitter: list[bool], order: list[list[int]]) -> list[list[int]]:
-    """The jitter operation of each view at each of :data:`JITTER_STEPS` steps (-1: none).
+def _jitter_steps(jitter: Sequence[bool] | np.ndarray, order: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
+    """The jitter operation of each view at each of :data:`JITTER_STEPS` steps (-1: none), int64
+    ``[n, JITTER_STEPS]``.
 
     A view whose hue comes at position ``h`` of its order does position ``p`` at step
     ``p + 3 - h``: every hue falls on step 3, and with the views sorted by ``h`` (latest first,
     views without jitter last) the views of each step are consecutive.
     """
-    steps = []
-    for on, o in zip(jitter, order):
-        row = [-1] * JITTER_STEPS
-        if on:
-            shift = 3 - o.index(3)
-            for position, op in enumerate(o):
-                row[position + shift] = op
-        steps.append(row)
+    jitter = np.asarray(jitter, dtype=bool).reshape(-1)
+    order = np.asarray(order, dtype=np.int64).reshape(-1, 4)
+    steps = np.full((len(jitter), JITTER_STEPS), -1, dtype=np.int64)
+    (rows,) = np.nonzero(jitter)
+    hue_at = np.argmax(order[rows] == 3, axis=1)
+    steps[rows[:, None], np.arange(4) + (3 - hue_at)[:, None]] = order[rows]
     return steps
 
 
@@ -371,31 +387,32 @@ def colour_views_sorted(
     n = x.shape[0]
     if len(params) != n:
         raise ValueError(f"{len(params)} colour parameters for {n} views")
-    jitter, order, factors, grayscale, sigma, solar = _param_lists(params)
+    jitter, order, factors, grayscale, sigma, solar = _param_arrays(params)
     steps = _jitter_steps(jitter, order)
     views = list(range(n))
     if n > 2:
-        first = [next((step for step, k in enumerate(row) if k >= 0), JITTER_STEPS) for row in steps]
-        views.sort(key=first.__getitem__)  # latest hue first, no jitter last
+        first = np.where(jitter, np.argmax(steps >= 0, axis=1), JITTER_STEPS)
+        views = np.argsort(first, kind="stable").tolist()  # latest hue first, no jitter last
     x = _take(x, views).to(torch.float32, memory_format=torch.contiguous_format)
-    steps = [steps[v] for v in views]
-    step_factors = torch.tensor(
-        [[factors[v][k] if k >= 0 else 1.0 for k in row] for v, row in zip(views, steps)], dtype=torch.float64
-    ).reshape(n, JITTER_STEPS)
+    steps = steps[views]
+    picked = np.take_along_axis(factors.reshape(-1, 4)[views], steps.clip(min=0), axis=1)
+    step_factors = torch.from_numpy(np.where(steps >= 0, picked, 1.0))
     for step in range(JITTER_STEPS):
-        kinds = [row[step] for row in steps]
-        x = _apply_to(x, [k >= 0 for k in kinds], adjust_jitter_, kinds, step_factors[:, step])
-    x = _apply_to(x, [grayscale[v] for v in views], _grayscale_)
-    x = _blur_where(x, [sigma[v] for v in views])
-    return _apply_to(x, [solar[v] for v in views], _solarize_), views
+        kinds = steps[:, step]
+        x = _apply_to(x, (kinds >= 0).tolist(), adjust_jitter_, kinds.tolist(), step_factors[:, step])
+    x = _apply_to(x, grayscale[views].tolist(), _grayscale_)
+    x = _blur_where(x, sigma[views].tolist())
+    return _apply_to(x, solar[views].tolist(), _solarize_), views
 
 
-def _param_lists(params: ColourParams | Sequence[ViewParams]) -> tuple[list, list, list, list, list, list]:
+def _param_arrays(params: ColourParams | Sequence[ViewParams]) -> tuple[np.ndarray, ...]:
     """Jitter flags, orders, factors, grayscale flags, blur sigmas (0: none), solarise flags."""
     if isinstance(params, ColourParams):
-        fields = ColourParams.__dataclass_fields__
-        return tuple(getattr(params, f).tolist() for f in fields)  # type: ignore[return-value]
-    return _view_lists(params)
+        return tuple(getattr(params, f).cpu().numpy() for f in ColourParams.__dataclass_fields__)
+    jitter, order, factors, grayscale, sigma, solar = _view_lists(params)
+    return (np.asarray(jitter, dtype=bool), np.asarray(order, dtype=np.int64).reshape(-1, 4),
+            np.asarray(factors, dtype=np.float64).reshape(-1, 4), np.asarray(grayscale, dtype=bool),
+            np.asarray(sigma, dtype=np.float64), np.asarray(solar, dtype=bool))
 
 
 def _view_lists(params: Sequence[ViewParams]) -> tuple[list, list, list, list, list, list]:
