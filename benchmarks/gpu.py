@@ -291,13 +291,10 @@ def bench_device_augment(s: Settings, device: torch.device, files: Path, repeats
     which the training step's own kernels wait behind, and the time until the device is done."""
     from dinocli.data.multicrop_dataset import MultiCropDataset, collate_multicrop
     from dinocli.registry import create_augmentation
+    from dinocli.train.config import augmentation_kwargs
 
     cfg = _train_config(s, device, files, files, s.e2e_batch, "fp32", False)
-    augmentation = create_augmentation(
-        cfg.augmentation, global_crops_scale=cfg.global_crops_scale, local_crops_scale=cfg.local_crops_scale,
-        local_crops_number=cfg.local_crops_number, global_crop_size=cfg.global_crop_size,
-        local_crop_size=cfg.local_crop_size,
-    )
+    augmentation = create_augmentation(cfg.augmentation, **augmentation_kwargs(cfg))
     dataset = MultiCropDataset(sorted(files.iterdir()), augmentation, seed=0, on_device=True)
     batch = collate_multicrop([dataset[i % len(dataset)] for i in range(s.e2e_batch)]).crops
     if device.type == "cuda":
@@ -321,7 +318,7 @@ class OpCounter(TorchDispatchMode):
 
     count = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += 1
         return func(*args, **(kwargs or {}))
 

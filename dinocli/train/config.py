@@ -334,6 +334,17 @@ def validate(cfg: PretrainConfig) -> None:
             raise unknown_name(f"value for --{_flag(name)}", getattr(cfg, name), choices)
 
 
+def augmentation_kwargs(cfg: PretrainConfig) -> dict[str, Any]:
+    """What the augmentation factory ``cfg.augmentation`` is given for ``cfg``."""
+    return {
+        "global_crops_scale": cfg.global_crops_scale,
+        "local_crops_scale": cfg.local_crops_scale,
+        "local_crops_number": cfg.local_crops_number,
+        "global_crop_size": cfg.global_crop_size,
+        "local_crop_size": cfg.local_crop_size,
+    }
+
+
 def backbone_kwargs(cfg: PretrainConfig) -> dict[str, Any]:
     """What a backbone factory is given for ``cfg`` (besides ``drop_path_rate``); ``depth`` only
     when the run asks for one (``--depth N``, N > 0)."""

@@ -46,7 +46,7 @@ from dinocli.train.checkpoint import (
     set_rng_state,
 )
 from dinocli.strategies.combine import build_collapse_strategy
-from dinocli.train.config import PretrainConfig, backbone_kwargs, to_toml
+from dinocli.train.config import PretrainConfig, augmentation_kwargs, backbone_kwargs, to_toml
 from dinocli.train.diagnostics import CollapseDetector, batch_diagnostics
 from dinocli.train.knn_monitor import KnnMonitor
 from dinocli.train.loss import multicrop_cross_entropy
@@ -116,14 +116,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
         self.paths = list_images(cfg.data)  # image files, or the samples of tar shards
-        self.augmentation = create_augmentation(
-            cfg.augmentation,
-            global_crops_scale=cfg.global_crops_scale,
-            local_crops_scale=cfg.local_crops_scale,
-            local_crops_number=cfg.local_crops_number,
-            global_crop_size=cfg.global_crop_size,
-            local_crop_size=cfg.local_crop_size,
-        )
+        self.augmentation = create_augmentation(cfg.augmentation, **augmentation_kwargs(cfg))
         self.n_global = self.augmentation.n_global
         self.n_crops = self.n_global + self.augmentation.n_local
 
