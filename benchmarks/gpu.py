@@ -85,6 +85,7 @@ class Settings:
     knn_train: int = 50_000
     knn_val: int = 10_000
     knn_dim: int = 384
+    decode_checks: int = 20  # decode_overwrites iterations (CUDA only)
     budget_s: float = 420.0
     rows: list[dict[str, Any]] = field(default_factory=list)
 
@@ -313,6 +314,43 @@ def bench_device_augment(s: Settings, device: torch.device, files: Path, repeats
     return {"host_ms": 1000 * min(host), "done_ms": done_ms, "ops": ops.count, "batch": s.e2e_batch}
 
 
+def decode_overwrites(decode_fn: Callable[[list[torch.Tensor]], Any], data: list[torch.Tensor],
+                      device: torch.device, iterations: int = 20) -> int:
+    """In how many of ``iterations`` calls ``decode_fn(data)`` (encoded JPEGs -> images on the
+    CUDA ``device``) overwrote memory that kernels queued before it had still to read, the check of
+    pytorch/vision#9606: one uint8 tensor per image, of its decoded size, is filled; a long kernel is
+    queued, then each tensor's sum; the tensors are freed (their blocks free for the allocator, their
+    reads still queued) and ``decode_fn`` is called; a wrong sum is an overwrite."""
+    sizes = [int(x.numel()) for x in decode_fn(data)]
+    torch.cuda.synchronize(device)
+    expected = torch.tensor([n * (k % 200 + 1) for k, n in enumerate(sizes)])
+    overwritten = 0
+    for _ in range(iterations):
+        victims = [torch.full((n,), k % 200 + 1, dtype=torch.uint8, device=device) for k, n in enumerate(sizes)]
+        torch.cuda.synchronize(device)
+        torch.cuda._sleep(100_000_000)  # ~50 ms: the sums below stay queued while decode_fn runs
+        sums = torch.stack([v.sum() for v in victims])
+        del victims
+        decode_fn(data)
+        overwritten += int(not torch.equal(sums.cpu(), expected))
+    return overwritten
+
+
+def bench_decode_safety(s: Settings, device: torch.device, files: Path) -> dict[str, Any]:
+    """:func:`decode_overwrites` of torchvision's ``decode_jpeg`` called directly and of dinocli's
+    :func:`dinocli.augmentations.device.decode`, on 8 of the generated JPEGs."""
+    from torchvision.io import decode_jpeg
+
+    from dinocli.augmentations.device import decode
+
+    data = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in sorted(files.iterdir())[:8]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        direct = decode_overwrites(lambda d: decode_jpeg(d, device=device), data, device, s.decode_checks)
+    ours = decode_overwrites(lambda d: decode(d, device), data, device, s.decode_checks)
+    return {"torchvision": direct, "dinocli": ours, "iterations": s.decode_checks}
+
+
 class OpCounter(TorchDispatchMode):
     """Counts the ATen operations run inside it (on a GPU, about one kernel launch or copy each)."""
 
@@ -444,6 +482,12 @@ def run(s: Settings, device: torch.device, peak: float | None = None,
         if len(end_to_end) == 2:
             rows.append(loss_row(f"losses of the {s.e2e_steps} end-to-end iterations, --augment-on gpu vs cpu",
                                  end_to_end["gpu"]["losses"], end_to_end["cpu"]["losses"]))
+        if device.type == "cuda":
+            log("... nvJPEG decoding with kernels queued")
+            d = bench_decode_safety(s, device, files)
+            rows.append({"what": "decode_jpeg on CUDA with reads of freed memory still queued (vision#9606)", **d,
+                         "result": f"torchvision alone overwrote them in {d['torchvision']}/{d['iterations']} calls, "
+                                   f"dinocli's decode in {d['dinocli']}/{d['iterations']}"})
         log("... extract")
         e = bench_extract(s, device, low, files)
         rows.append({"what": f"extract {s.arch}/{s.patch_size} {s.global_size}px forward {low}", **e,

@@ -340,3 +340,36 @@ def test_matched_eval_size_is_the_mean_magnification_of_the_training_crops(crop,
     assert matched_eval_size(32, (0.25, 0.25)) == 64  # a quarter of the area: twice the size
     with pytest.raises(UsageError, match="crop scales"):
         matched_eval_size(32, (0.0, 1.0))
+
+
+class _NanOnCall(torch.nn.Module):
+    """Mean colour per channel as the features; NaN on the ``bad``-th call (0-based)."""
+
+    def __init__(self, bad: int | None) -> None:
+        super().__init__()
+        self.bad, self.calls = bad, 0
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # a device for extract_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = x.mean(dim=(2, 3)) + self.anchor
+        if self.calls == self.bad:
+            feats = feats * float("nan")
+        self.calls += 1
+        return feats
+
+
+def test_batches_read_back_in_order_and_a_nan_batch_is_named(tmp_path: Path) -> None:
+    """Each batch's features are read once the next is queued: every row still lands where its
+    image is, progress counts every image, and a NaN batch names its own images."""
+    from dinocli.errors import DinoError
+    from dinocli.evaluate import extract_features
+
+    root = image_tree(tmp_path / "imgs", {"a": 5})
+    paths = sorted((root / "a").iterdir())
+    seen: list[int] = []
+    got = extract_features(_NanOnCall(None), paths, resize=32, crop_size=32, batch_size=2, progress=seen.append)
+    one_by_one = torch.cat([extract_features(_NanOnCall(None), [p], resize=32, crop_size=32).features for p in paths])
+    torch.testing.assert_close(got.features, one_by_one)
+    assert seen == [2, 2, 1]
+    with pytest.raises(DinoError, match=r"NaN or infinite features \(images 2 to 3\)"):
+        extract_features(_NanOnCall(1), paths, resize=32, crop_size=32, batch_size=2)

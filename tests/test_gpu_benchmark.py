@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dinocli import create_backbone
 
@@ -38,6 +39,7 @@ def test_quick_run_on_the_cpu_measures_every_row(tmp_path, capsys):
     assert sum("train end to end" in n for n in names) == 2
     assert sum(n.startswith("extract_features from JPEG") for n in names) == 2
     assert any(n.startswith("k-NN") for n in names)
+    assert not any("vision#9606" in n for n in names)  # a CUDA-only row
     for r in rows:
         if "images_per_s" in r:
             assert r["images_per_s"] > 0 and r["flops_per_image"] > 0 and r["mfu"] is None  # no peak on a CPU
@@ -60,3 +62,16 @@ def test_op_counter_counts_the_aten_operations_run_inside_it():
         x = torch.ones(3)
         (x + 1).mul_(2).sum()
     assert ops.count == 4  # ones, add, mul_, sum
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device in this environment")
+def test_decoding_on_cuda_never_overwrites_memory_queued_kernels_read(tmp_path):
+    """pytorch/vision#9606: nvJPEG may write into blocks freed with reads still queued; dinocli's
+    decode takes its memory elsewhere (the check itself is in benchmarks/gpu.py)."""
+    from dinocli.augmentations.device import decode
+
+    gpu = load_script()
+    files = gpu.write_jpegs(tmp_path / "jpeg", 8, (500, 375), 1)
+    data = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in sorted(files.iterdir())]
+    device = torch.device("cuda")
+    assert gpu.decode_overwrites(lambda d: decode(d, device), data, device, iterations=20) == 0

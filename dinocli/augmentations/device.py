@@ -20,6 +20,7 @@ CPU path's (the same :meth:`DinoMultiCrop.plan` draws); the image is always deco
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import math
 import warnings
@@ -132,23 +133,55 @@ def resample(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> to
 def decode(items: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
     """uint8 ``[3, H, W]`` images on ``device``: 1-d items are encoded JPEGs (decoded together on
     the device), 3-d items are pixels already. ``None`` where a JPEG cannot be decoded."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     out: list[torch.Tensor | None] = [None] * len(items)
     encoded = [k for k, item in enumerate(items) if item.dim() == 1]
-    where = device if device.type == "cuda" else "cpu"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to torchcodec
-        try:
-            decoded = decode_jpeg([items[k] for k in encoded], mode=ImageReadMode.RGB, device=where)
-        except RuntimeError:  # a bad file: decode one by one, then with PIL
-            decoded = [_decode_one(items[k], where) for k in encoded]
-    for k, image in zip(encoded, decoded):
-        out[k] = None if image is None else image.to(device, non_blocking=True)
+    if encoded:
+        decode_batch = _decode_on_cuda if device.type == "cuda" else _decode_batch
+        for k, image in zip(encoded, decode_batch([items[k] for k in encoded], device)):
+            out[k] = None if image is None else image.to(device, non_blocking=True)
     for k, item in enumerate(items):
         if item.dim() == 3:
             out[k] = item.to(device, non_blocking=True)
     return out
+
+
+def _decode_batch(data: list[torch.Tensor], where: torch.device) -> list[torch.Tensor | None]:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    target = where if where.type == "cuda" else "cpu"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to torchcodec
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=target)
+        except RuntimeError:  # a bad file: decode one by one, then with PIL
+            return [_decode_one(d, target) for d in data]
+
+
+def _decode_on_cuda(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """nvJPEG decoding that cannot overwrite memory kernels still queued will read.
+
+    torchvision's decoder takes its output from the caching allocator of the *current* stream and
+    writes it from a stream of its own (and nvJPEG's hardware engine writes at once), so a block
+    the training step has just freed, with its last reads still queued, can be overwritten
+    (pytorch/vision#9606: corrupted sums on an H100). Decoding with a stream of ours current
+    takes the memory from that stream's pool, which holds only the decoder's earlier outputs;
+    each output is marked used by the compute stream (``record_stream``), so its block returns
+    to that pool only once the compute stream's queued work on it is done. The host does not wait.
+    """
+    compute = torch.cuda.current_stream(device)
+    side = _decode_stream(device)
+    with torch.cuda.stream(side):
+        decoded = _decode_batch(data, device)
+    compute.wait_stream(side)
+    for image in decoded:
+        if image is not None and image.is_cuda:
+            image.record_stream(compute)
+    return decoded
+
+
+@functools.cache
+def _decode_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
 
 
 def _decode_one(data: torch.Tensor, where: str | torch.device) -> torch.Tensor | None:

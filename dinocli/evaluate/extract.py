@@ -202,7 +202,8 @@ def extract_features(
     the model's train/eval mode is restored afterwards, so a training loop can call this on its
     teacher. ``progress`` is called with the number of images done after each batch.
     ``decode_on_device``: decode, resize and crop on the device (default: on CUDA with a bicubic
-    or bilinear resize); workers then only read files.
+    or bilinear resize); workers then only read files. A batch's features are copied back once
+    the next batch is queued, so the device does not wait for the host in between.
     """
     paths = [as_image(p) for p in paths]
     if not paths:
@@ -239,24 +240,34 @@ def extract_features(
         model.to(dev)
     out: torch.Tensor | None = None
     done = 0
+    queued: tuple[torch.Tensor, int] | None = None  # the previous batch's features, maybe not ready
+
+    def store(feats: torch.Tensor, first: int) -> None:
+        nonlocal out
+        feats = feats.float().cpu()
+        if not torch.isfinite(feats).all():
+            raise DinoError(
+                f"the backbone produced NaN or infinite features (images {first} to "
+                f"{first + len(feats) - 1}); try --precision fp32"
+            )
+        if out is None:
+            out = torch.empty(len(paths), feats.shape[1], dtype=torch.float32)
+        out[first : first + len(feats)] = feats
+        if progress is not None:
+            progress(len(feats))
+
     try:
         for batch in _batches(loader):
             if decode_on_device:
                 batch = _device_batch(batch, paths[done:], resize, crop_size, interpolation, dev)
             with autocast(precision, dev):
                 feats = embed(model, batch.to(dev, non_blocking=True), n_last_blocks, avgpool_patch_tokens)
-            feats = feats.float()
-            if not torch.isfinite(feats).all():
-                raise DinoError(
-                    f"the backbone produced NaN or infinite features (images {done} to "
-                    f"{done + len(batch) - 1}); try --precision fp32"
-                )
-            if out is None:
-                out = torch.empty(len(paths), feats.shape[1], dtype=torch.float32)
-            out[done : done + len(batch)] = feats.cpu()
+            if queued is not None:  # read once this batch is queued: the device is never idle waiting
+                store(*queued)
+            queued = (feats, done)
             done += len(batch)
-            if progress is not None:
-                progress(len(batch))
+        if queued is not None:
+            store(*queued)
     finally:
         model.train(was_training)
     assert out is not None
