@@ -96,11 +96,12 @@ def agree_on_step(loss: torch.Tensor, n_samples: int, stop: bool = False) -> tor
     dtype = torch.float32 if loss.device.type == "mps" else torch.float64  # MPS has no float64
     loss = loss.detach().to(dtype).reshape(())
     finite = torch.isfinite(loss)
+    # new_full fills on the device; torch.tensor(x, device="cuda") copies from the host and waits.
     stats = torch.stack([
         torch.where(finite, loss * n_samples, loss),  # a non-finite loss stays inf or nan
-        torch.tensor(float(n_samples), dtype=dtype, device=loss.device),
+        loss.new_full((), float(n_samples)),
         (~finite).to(dtype),
-        torch.tensor(float(stop), dtype=dtype, device=loss.device),
+        loss.new_full((), float(stop)),
     ])
     return all_reduce_sum(stats)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dinocli.train.model import ema_update
 from dinocli.train.optim import build_optimizer, param_groups
@@ -129,6 +130,32 @@ def test_a_step_leaves_its_loss_on_the_device_until_the_next_one(tmp_path):
     # the same trajectory as reading every loss at once (diagnose=True reads them all)
     eager = _losses(_trainer(tmp_path, "read-each"), 2, diagnose=True)
     assert first + second == eager
+
+
+class _HostValueCounter(TorchDispatchMode):
+    """Counts tensors made from host values (``torch.tensor(x)``: ``aten.lift_fresh``)."""
+
+    count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten.lift_fresh.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_step_makes_no_tensor_from_host_values(tmp_path):
+    """On CUDA, ``torch.tensor(x, device=...)`` is a blocking copy: the host would wait for the
+    device every step. A counter that sees them does count one (the check can fail)."""
+    trainer = _trainer(tmp_path, "host-values")
+    try:
+        trainer.step(_views(0), 0.04, 0.996, diagnose=False)
+        with _HostValueCounter() as counter:
+            trainer.step(_views(1), 0.04, 0.996, diagnose=False)
+        assert counter.count == 0
+    finally:
+        trainer.close()
+    with _HostValueCounter() as counter:
+        torch.tensor(2.0)
+    assert counter.count == 1
 
 
 @pytest.mark.slow
