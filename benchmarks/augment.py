@@ -8,6 +8,12 @@ ratio, and the machine.
 
     python benchmarks/augment.py                                   # ../shared/datasets/imagenette224_sub
     python benchmarks/augment.py --data DIR --images 200 --rounds 5 --json out.json
+    python benchmarks/augment.py --workers 2     # also: a DataLoader sending float views vs uint8 levels
+
+``--workers N`` also times what a GPU run's workers send through a ``DataLoader`` with N workers:
+the normalised float views (what a CPU run uses) against uint8 levels (``MultiCropDataset(levels=True)``,
+what a GPU run uses; the GPU then normalises them, which is not timed here), in wall time, alternating
+rounds of 4 batches of 32.
 """
 
 from __future__ import annotations
@@ -107,11 +113,36 @@ def machine() -> str:
     )
 
 
+def loader_rates(paths: list[Path], workers: int, rounds: int, batch: int = 32) -> dict[str, float]:
+    """Images/s through a ``DataLoader`` with ``workers`` workers of float views and of uint8
+    levels, in alternating rounds."""
+    from torch.utils.data import DataLoader, Subset
+
+    from dinocli.data.multicrop_dataset import collate_multicrop
+
+    aug = dinocli.create_augmentation("dino")
+    count = 4 * batch
+    seconds = {"float_views": 0.0, "uint8_levels": 0.0}
+    for _ in range(rounds):
+        for name in seconds:
+            ds = MultiCropDataset(paths, aug, seed=0, levels=name == "uint8_levels")
+            indices = [i % len(paths) for i in range(count + batch)]
+            it = iter(DataLoader(Subset(ds, indices), batch_size=batch, num_workers=workers,
+                                 collate_fn=collate_multicrop))
+            next(it)  # worker start-up left out
+            start = time.perf_counter()
+            for _ in it:  # what the training process receives; a GPU then normalises the levels
+                pass
+            seconds[name] += time.perf_counter() - start
+    return {name: rounds * count / s for name, s in seconds.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of images (recursive)")
     parser.add_argument("--images", type=int, default=200, help="images per chunk")
     parser.add_argument("--rounds", type=int, default=4, help="alternating chunks of each pipeline")
+    parser.add_argument("--workers", type=int, default=0, help="also time a DataLoader with this many workers")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
     if not args.data.is_dir():
@@ -157,6 +188,13 @@ def main() -> None:
         print(f"  {name:24s} {r:8.1f} images/s per core")
     print(f"dinocli / reference (decode + augment): {result['ratio_decode_and_augment']:.2f}x")
     print(f"dinocli / reference (augment only):     {result['ratio_augment_only']:.2f}x")
+    if args.workers > 0:
+        torch.set_num_threads(1)
+        loader = loader_rates(paths, args.workers, args.rounds)
+        result["loader_images_per_s"] = {k: round(v, 1) for k, v in loader.items()}
+        result["ratio_levels_over_floats"] = round(loader["uint8_levels"] / loader["float_views"], 3)
+        print(f"DataLoader, {args.workers} workers (wall time): float views {loader['float_views']:.1f}, "
+              f"uint8 levels {loader['uint8_levels']:.1f} images/s ({result['ratio_levels_over_floats']:.2f}x)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -265,7 +265,6 @@ def bench_end_to_end(s: Settings, device: torch.device, files: Path, augment_on:
                      workdir: Path) -> dict[str, Any]:
     """Images/s from JPEG files to the end of ``Trainer.step`` (``dinocli.bench.end_to_end_rate``)."""
     from dinocli.bench import end_to_end_rate
-    from dinocli.data.multicrop_dataset import MultiCropDataset
 
     cfg = _train_config(s, device, files, workdir / f"run-{augment_on}", s.e2e_batch, precision, False,
                         augment_on, s.workers)
@@ -274,7 +273,7 @@ def bench_end_to_end(s: Settings, device: torch.device, files: Path, augment_on:
     for group in trainer.optimizer.param_groups:
         group["lr"] = 1e-4
     try:
-        dataset = MultiCropDataset(trainer.paths, trainer.augmentation, seed=0, on_device=augment_on == "gpu")
+        dataset = trainer.make_dataset(seed=0)  # for a GPU, workers send uint8 levels (cpu path)
         rate, losses = end_to_end_rate(trainer, dataset, s.workers, s.e2e_batch, s.e2e_steps)
         flops = train_flops_per_image(trainer, s)
     finally:

@@ -187,7 +187,7 @@ def run_bench(
     local_crops_number: int = 8,
 ) -> BenchResult:
     """Measure the four rates on the images under ``data`` and say what limits training."""
-    from dinocli.data.multicrop_dataset import MultiCropDataset, collate_multicrop
+    from dinocli.data.multicrop_dataset import collate_multicrop
     from dinocli.distributed import ProcessGroup
     from dinocli.runtime import resolve_device, resolve_precision
     from dinocli.train.config import resolve_config
@@ -210,9 +210,7 @@ def run_bench(
         dev = resolve_device(cfg.device)
         trainer = Trainer(cfg, ProcessGroup(), dev, resolve_precision(cfg.precision, dev), False)
         try:
-            dataset = MultiCropDataset(
-                trainer.paths, trainer.augmentation, seed=0, on_device=augment_on == "gpu"
-            )
+            dataset = trainer.make_dataset(seed=0)
             decode = decode_rate(paths[:images])
             per_worker = worker_rate(dataset, images)
             with_workers = loader_rate(dataset, workers, min(batch_size, 16), images)

@@ -166,3 +166,26 @@ def test_20_compiled_iterations_match_the_eager_ones(tmp_path):
     compiled = _losses(_trainer(tmp_path, "compiled", drop_path_rate=0.0, compile=True), 20, diagnose=False)
     assert len(eager) == 20 and len(set(eager)) > 1  # it trained
     assert compiled == pytest.approx(eager, rel=4e-3)  # 2^-8: bf16's rounding; fp32 here is closer
+
+
+def test_a_step_on_uint8_levels_equals_the_step_on_the_float_views(tmp_path):
+    """What a GPU run's workers send (:class:`LevelBatch`) trains exactly as the float views."""
+    from dinocli.augmentations.gpu import normalize
+    from dinocli.data.multicrop_dataset import LevelBatch, LevelViews
+
+    g = torch.Generator().manual_seed(0)
+    sizes = (32, 32, 16, 16)
+    items = [
+        LevelViews([torch.randint(0, 256, (3, s, s), generator=g, dtype=torch.uint8) for s in sizes],
+                   (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        for _ in range(4)
+    ]  # fmt: skip
+    floats = [normalize(torch.stack(v), items[0].mean, items[0].std) for v in zip(*(i.views for i in items))]
+    losses = []
+    for views in (LevelBatch(items), floats):
+        trainer = _trainer(tmp_path, f"levels-{len(losses)}")
+        try:
+            losses.append(trainer.step(views, 0.04, 0.996, diagnose=True)[0])
+        finally:
+            trainer.close()
+    assert losses[0] == losses[1] and len(losses[0]) == 1

@@ -136,3 +136,44 @@ def test_works_on_the_demo_data_tree(tmp_path, aug):
     ds = MultiCropDataset(find_images(root / "train"), aug)
     batch = collate_multicrop([ds[i] for i in range(len(ds))])
     assert batch.crops[0].shape == (10, 3, 16, 16) and batch.n_skipped == 0
+
+
+def test_levels_are_the_same_floats_from_a_quarter_of_the_bytes(paths, aug):
+    """``levels=True`` (training on a GPU): workers send uint8 levels, the device normalises them
+    to exactly the views a worker would have sent; through worker processes too."""
+    from dinocli.data.multicrop_dataset import LevelBatch
+
+    floats = MultiCropDataset(paths, aug, seed=2)
+    levels = MultiCropDataset(paths, aug, seed=2, levels=True)
+    item = levels[1]
+    assert all(v.dtype == torch.uint8 for v in item.views)
+    assert sum(v.nbytes for v in item.views) * 4 == sum(v.nbytes for v in floats[1])
+    loader = DataLoader(levels, batch_size=3, num_workers=2, collate_fn=collate_multicrop)
+    got = [b.crops for b in loader]
+    assert all(isinstance(b, LevelBatch) and len(b) == 3 for b in got)
+    want = batches(DataLoader(floats, batch_size=3, collate_fn=collate_multicrop))
+    assert same([b.finish("cpu") for b in got], want)
+
+
+def test_levels_only_for_augmentations_that_can_stop_before_normalising(paths, aug):
+    class FloatsOnly:  # a plugin with a crop plan whose colour stage always normalises
+        specs = aug.specs
+
+        def __init__(self):
+            self.mean, self.std = aug.mean, aug.std
+
+        def plan(self, size, generator):
+            return aug.plan(size, generator)
+
+        def draft_factor(self, params):
+            return 1
+
+        def crops(self, image, params, scale=1.0):
+            return aug.crops(image, params, scale)
+
+        def colour(self, crops, params):
+            return aug.colour(crops, params)
+
+    ds = MultiCropDataset(paths, FloatsOnly(), seed=2, levels=True)
+    assert not ds.levels and all(v.dtype == torch.float32 for v in ds[0])
+    assert not MultiCropDataset(paths, aug, levels=True, on_device=True).levels

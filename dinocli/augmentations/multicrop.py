@@ -120,8 +120,15 @@ class DinoMultiCrop:
             out.append(crop[0])
         return out
 
-    def colour(self, crops: Sequence[torch.Tensor], params: Sequence[ViewParams]) -> list[torch.Tensor]:
-        """Colour operations and normalisation of :meth:`crops`, batched over views of one size."""
+    def colour(
+        self, crops: Sequence[torch.Tensor], params: Sequence[ViewParams], normalized: bool = True
+    ) -> list[torch.Tensor]:
+        """Colour operations and normalisation of :meth:`crops`, batched over views of one size.
+
+        ``normalized=False``: the views as uint8 levels (every colour operation ends on whole
+        levels), for :func:`dinocli.augmentations.gpu.normalize` to finish elsewhere with the same
+        result: a quarter of the bytes to send to the training device.
+        """
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, crop in enumerate(crops):
             groups.setdefault(tuple(crop.shape), []).append(i)
@@ -129,7 +136,8 @@ class DinoMultiCrop:
         for members in groups.values():
             x = torch.stack([crops[i] for i in members])
             x, order = gpu.colour_views_sorted(x, [params[i] for i in members])
-            for j, view in zip(order, gpu.normalize(x, self.mean, self.std)):
+            x = gpu.normalize(x, self.mean, self.std) if normalized else x.to(torch.uint8)
+            for j, view in zip(order, x):
                 views[members[j]] = view
         return views
 

@@ -11,8 +11,10 @@ An augmentation that can plan its crops from the image size (the built-in ``dino
 is decoded, so a large JPEG is decoded at reduced size when every crop allows it. With
 ``on_device=True`` (``--augment-on gpu``) items are the encoded file and its views' parameters
 (:class:`~dinocli.augmentations.device.EncodedViews`): the batch is decoded, cropped and coloured
-on the training device (:class:`~dinocli.augmentations.device.EncodedBatch`). Other augmentations
-get the decoded RGB image.
+on the training device (:class:`~dinocli.augmentations.device.EncodedBatch`). With ``levels=True``
+(training on a GPU with the augmentation in the workers) items are the views as uint8 levels and
+the device normalises them (:class:`LevelBatch`): the same floats from a quarter of the bytes
+through shared memory, pinned memory and the bus. Other augmentations get the decoded RGB image.
 
 ``paths`` may be files or members of tar shards (:class:`~dinocli.data.shards.ShardMember`).
 Undecodable images are skipped (the item is ``None``, and :func:`collate_multicrop` drops it and
@@ -21,6 +23,7 @@ counts it) or stop the run with a :class:`BadImageError` naming the file (``SHAR
 
 from __future__ import annotations
 
+import inspect
 import io
 import warnings
 from collections.abc import Sequence
@@ -33,7 +36,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dinocli.augmentations.device import EncodedBatch, EncodedViews, read_for_device, view_boxes
-from dinocli.augmentations.gpu import ColourParams
+from dinocli.augmentations.gpu import ColourParams, normalize
 from dinocli.data.images import image_file, load_rgb, open_rgb, read_image_bytes
 from dinocli.data.shards import ShardMember, as_image
 from dinocli.errors import DinoError, UsageError
@@ -59,14 +62,44 @@ class BadImageError(DinoError):
         super().__init__(message)
 
 
+class LevelViews(NamedTuple):
+    """One image's views as uint8 levels ``[3, s, s]``, and the normalisation still to apply."""
+
+    views: list[torch.Tensor]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+class LevelBatch:
+    """A batch of :class:`LevelViews`: one uint8 ``[B, 3, s, s]`` per view; :meth:`finish` copies
+    them to a device and normalises them there, the floats the workers would have made."""
+
+    def __init__(self, items: Sequence[LevelViews]) -> None:
+        self.views = [torch.stack(views) for views in zip(*(item.views for item in items))]
+        self.mean, self.std = items[0].mean, items[0].std
+
+    def __len__(self) -> int:
+        return int(self.views[0].shape[0])
+
+    def pin_memory(self) -> LevelBatch:
+        """Called by ``DataLoader(pin_memory=True)``: copies to the device without waiting."""
+        self.views = [v.pin_memory() for v in self.views]
+        return self
+
+    def finish(self, device: torch.device | str) -> list[torch.Tensor]:
+        """The normalised float32 views on ``device``."""
+        return [normalize(v.to(device, non_blocking=True), self.mean, self.std) for v in self.views]
+
+
 class MultiCropBatch(NamedTuple):
     """A collated batch: one ``[B, 3, h, w]`` tensor per view, and how many images were skipped.
 
     ``crops`` is empty when every image of the batch was skipped; it is an :class:`EncodedBatch`
-    (call ``finish(device)`` for the views) when the items were :class:`EncodedViews`.
+    or a :class:`LevelBatch` (call ``finish(device)`` for the views) when the items were
+    :class:`EncodedViews` or :class:`LevelViews`.
     """
 
-    crops: list[torch.Tensor] | EncodedBatch
+    crops: list[torch.Tensor] | EncodedBatch | LevelBatch
     n_skipped: int
 
 
@@ -86,6 +119,7 @@ class MultiCropDataset(Dataset):
         seed: int = 0,
         on_bad_image: OnBadImage = "skip",
         on_device: bool = False,
+        levels: bool = False,
     ) -> None:
         self.plans = all(hasattr(augmentation, m) for m in ("plan", "draft_factor", "crops", "colour"))
         if on_device and not (self.plans and hasattr(augmentation, "specs")):
@@ -94,6 +128,7 @@ class MultiCropDataset(Dataset):
                 "crop plan and colour stages); use --augment-on cpu"
             )
         self.on_device = bool(on_device)
+        self.levels = bool(levels) and not self.on_device and _colours_to_levels(augmentation)
         if on_bad_image not in ("skip", "fail"):
             raise UsageError(f"on_bad_image must be 'skip' or 'fail', got {on_bad_image!r}")
         if not paths:
@@ -122,7 +157,7 @@ class MultiCropDataset(Dataset):
         """The generator that item ``index`` of the current epoch is augmented with."""
         return torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
 
-    def __getitem__(self, index: int) -> list[torch.Tensor] | EncodedViews | None:
+    def __getitem__(self, index: int) -> list[torch.Tensor] | EncodedViews | LevelViews | None:
         path = self.paths[index]
         generator = self.generator(index)
         aug = self.augmentation
@@ -153,7 +188,19 @@ class MultiCropDataset(Dataset):
             return None
         if not self.plans:
             return aug(image, generator)
-        return aug.colour(aug.crops(image, params, scale=image.width / width), params)
+        crops = aug.crops(image, params, scale=image.width / width)
+        if self.levels:
+            return LevelViews(aug.colour(crops, params, normalized=False), aug.mean, aug.std)
+        return aug.colour(crops, params)
+
+
+def _colours_to_levels(augmentation: Augmentation) -> bool:
+    """Whether ``augmentation.colour`` can stop before normalising (``normalized=False``)."""
+    colour = getattr(augmentation, "colour", None)
+    try:
+        return colour is not None and "normalized" in inspect.signature(colour).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def collate_multicrop(batch: Sequence[list[torch.Tensor] | EncodedViews | None]) -> MultiCropBatch:
@@ -164,4 +211,6 @@ def collate_multicrop(batch: Sequence[list[torch.Tensor] | EncodedViews | None])
         return MultiCropBatch([], n_skipped)
     if isinstance(items[0], EncodedViews):
         return MultiCropBatch(EncodedBatch(items), n_skipped)
+    if isinstance(items[0], LevelViews):
+        return MultiCropBatch(LevelBatch(items), n_skipped)
     return MultiCropBatch([torch.stack(views) for views in zip(*items)], n_skipped)

@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -56,6 +56,9 @@ from dinocli.train.progress import TrainingDisplay
 from dinocli.train.sampler import EpochSampler
 from dinocli.train.schedules import Schedules, build_schedules
 from dinocli.weights import read_backbone_weights
+
+if TYPE_CHECKING:
+    from dinocli.data.multicrop_dataset import MultiCropDataset
 
 STUDENT_TEMP = 0.1
 
@@ -228,13 +231,23 @@ class Trainer:
         if weights.head:
             load_state_dict_strict(self.student.head, weights.head, what="the DINO head")
 
-    def _loader(self) -> DataLoader:
-        from dinocli.data.multicrop_dataset import MultiCropDataset, collate_multicrop
+    def make_dataset(self, seed: int | None = None) -> MultiCropDataset:
+        """The training images as this run augments them: on the device (``--augment-on gpu``:
+        decoded, cropped and coloured in :meth:`step`), or in the workers, which for a GPU send
+        uint8 levels that :meth:`step` normalises there (a quarter of the bytes of float views)."""
+        from dinocli.data.multicrop_dataset import MultiCropDataset
 
-        self.dataset = MultiCropDataset(
-            self.paths, self.augmentation, seed=self.cfg.seed, on_bad_image=self.cfg.on_bad_image,
-            on_device=self.cfg.augment_on == "gpu",  # decode, crop and colour on the device in step()
-        )
+        on_device = self.cfg.augment_on == "gpu"
+        return MultiCropDataset(
+            self.paths, self.augmentation, seed=self.cfg.seed if seed is None else seed,
+            on_bad_image=self.cfg.on_bad_image, on_device=on_device,
+            levels=not on_device and self.device.type == "cuda",
+        )  # fmt: skip
+
+    def _loader(self) -> DataLoader:
+        from dinocli.data.multicrop_dataset import collate_multicrop
+
+        self.dataset = self.make_dataset()
         workers = self.cfg.num_workers
         if workers < 0:  # leave a core to the training process
             workers = max(1, min(10, (os.cpu_count() or 2) - 1))
@@ -423,7 +436,7 @@ class Trainer:
         """
         cfg = self.cfg
         fmt = torch.channels_last if self.channels_last else torch.preserve_format
-        if hasattr(views, "finish"):  # --augment-on gpu: encoded images, decoded etc. on the device
+        if hasattr(views, "finish"):  # encoded images (--augment-on gpu) or uint8 levels: on the device
             views = views.finish(self.device)
         views = [v.to(self.device, non_blocking=True, memory_format=fmt) for v in views]
         noise = global_batch_noise(
