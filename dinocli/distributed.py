@@ -27,6 +27,7 @@ from dinocli.runtime import resolve_device
 TIMEOUT_ENV = "DINOCLI_DIST_TIMEOUT"
 
 _owned_group = False  # True when init_distributed created the default process group
+_host: tuple[object, object] | None = None  # (the default group, its gloo twin: _host_group)
 
 
 def is_distributed() -> bool:
@@ -66,13 +67,42 @@ def barrier() -> None:
         dist.barrier()
 
 
-def same_on_all_processes(value: int, device: torch.device | None = None) -> bool:
+def host_max(values: list[int]) -> list[int]:
+    """Element-wise maximum over all processes of integers the host holds.
+
+    Over gloo, never the device: with NCCL a collective on a CUDA tensor would first wait for
+    every kernel already queued (a host-device sync per call), so these go through a gloo group of
+    the same processes (:func:`_host_group`).
+    """
+    t = torch.tensor(values, dtype=torch.int64)
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_host_group())
+    return t.tolist()
+
+
+def _host_group() -> object | None:
+    """A gloo group of every process (``None``: the default group, when it is gloo already).
+
+    Created by every process at its first host agreement, which all processes reach together.
+    """
+    global _host
+    if dist.get_backend() == "gloo":
+        return None
+    world = dist.group.WORLD
+    if _host is None or _host[0] is not world:
+        _host = (world, dist.new_group(backend="gloo"))
+    return _host[1]
+
+
+def all_processes(flag: bool) -> bool:
+    """True when ``flag`` is true on every process (read on the host, never waiting for the device)."""
+    return host_max([0 if flag else 1])[0] == 0
+
+
+def same_on_all_processes(value: int) -> bool:
     """True when every process passes the same integer ``value``."""
-    if not is_distributed():
-        return True
-    t = torch.tensor([value, -value], dtype=torch.int64, device=device)
-    all_reduce_max(t)
-    return int(t[0]) == -int(t[1])
+    high, low = host_max([value, -value])
+    return high == -low
 
 
 @dataclass(frozen=True)
@@ -170,10 +200,10 @@ def init_distributed(device_name: str = "auto") -> tuple[ProcessGroup, torch.dev
 
 def destroy_distributed() -> None:
     """Leave the process group :func:`init_distributed` created (a no-op otherwise)."""
-    global _owned_group
+    global _owned_group, _host
     if _owned_group and dist.is_initialized():
-        dist.destroy_process_group()
-    _owned_group = False
+        dist.destroy_process_group()  # and every group made from it
+    _owned_group, _host = False, None
 
 
 def launch_local_processes(nproc_per_node: int, module_args: list[str]) -> None:

@@ -189,11 +189,17 @@ def test_compile_option_compiles_both_backbones_and_keeps_checkpoint_keys(images
 # -- two processes with gloo -----------------------------------------------------------------------
 
 
-def _two_process_worker(rank: int, port: int, images: str, out: str, results: str) -> None:
+def _two_process_worker(rank: int, ports: tuple[int, int], images: str, out: str, results: str) -> None:
     os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[0])
     )
-    from dinocli.distributed import destroy_distributed, init_distributed, same_on_all_processes
+    from dinocli.distributed import (
+        all_processes,
+        destroy_distributed,
+        host_max,
+        init_distributed,
+        same_on_all_processes,
+    )
     from dinocli.errors import DinoError
     from dinocli.train import loop
 
@@ -210,23 +216,51 @@ def _two_process_worker(rank: int, port: int, images: str, out: str, results: st
     record["nan_on_one"] = [b.finite, b.stop]
     record["stop_on_one"] = [c.finite, c.stop]
     record["same"] = [same_on_all_processes(7), same_on_all_processes(rank)]
-    destroy_distributed()
+    record["all"] = [all_processes(True), all_processes(rank == 0)]
+    # Under NCCL the host's agreements go through a gloo twin of the default group (never the
+    # device): the backend is made to read "nccl" so that this CPU test builds and uses the twin.
+    import torch.distributed as dist
 
-    # A real training run whose loss turns non-finite on process 1 only, at its second iteration.
-    real, calls = loop.multicrop_cross_entropy, {"n": 0}
+    from dinocli import distributed
+
+    real_backend = dist.get_backend
+    dist.get_backend = lambda group=None: "nccl"
+    try:
+        twin = distributed._host_group()
+        record["twin"] = [twin is not None and twin is not dist.group.WORLD, distributed._host_group() is twin,
+                          dist.get_world_size(twin), real_backend(twin)]
+        record["twin_all"] = [all_processes(rank == 1), same_on_all_processes(5), host_max([rank, -rank])]
+    finally:
+        dist.get_backend = real_backend
+    destroy_distributed()
+    record["twin_dropped"] = distributed._host is None
+
+    # A real training run: process 1 has no images at the first iteration (all skipped), so both
+    # processes skip it; at the second, its loss turns non-finite on process 1 only.
+    from dinocli.data import multicrop_dataset
+
+    real, calls, batches = loop.multicrop_cross_entropy, {"n": 0}, {"n": 0}
+    real_collate = multicrop_dataset.collate_multicrop
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss = real(*args, **kwargs)
-        return loss * float("nan") if rank == 1 and calls["n"] == 2 else loss
+        return loss * float("nan") if rank == 1 and calls["n"] == 1 else loss
 
+    def first_batch_lost(batch):
+        batches["n"] += 1
+        return real_collate([None] * len(batch) if rank == 1 and batches["n"] == 1 else batch)
+
+    os.environ["MASTER_PORT"] = str(ports[1])  # a new store: the first one's addresses are stale
     loop.multicrop_cross_entropy = poisoned
+    multicrop_dataset.collate_multicrop = first_batch_lost  # num_workers=0: collated here
     cfg = resolve_config(overrides={**TINY, "data": images, "output": out, "batch_size": 2, "epochs": 1})
     try:
         pretrain(cfg, display_rich=False)
         record["error"] = None
     except DinoError as exc:
         record["error"] = str(exc)
+    record["steps"] = calls["n"]
     Path(results, f"{rank}.json").write_text(json.dumps(record))
 
 
@@ -234,9 +268,11 @@ def test_two_processes_agree_on_loss_stop_and_non_finite_values(images, tmp_path
     results = tmp_path / "results"
     results.mkdir()
     out = tmp_path / "run"
+    first = free_port()
+    second = next(port for port in iter(free_port, None) if port != first)
     mp.spawn(
         _two_process_worker,
-        args=(free_port(), str(images), str(out), str(results)),
+        args=((first, second), str(images), str(out), str(results)),
         nprocs=2,
         join=True,
     )
@@ -247,8 +283,12 @@ def test_two_processes_agree_on_loss_stop_and_non_finite_values(images, tmp_path
         assert record["nan_on_one"] == [False, False]
         assert record["stop_on_one"] == [True, True]
         assert record["same"] == [True, False]
+        assert record["all"] == [True, False]
+        assert record["twin"] == [True, True, 2, "gloo"] and record["twin_dropped"]
+        assert record["twin_all"] == [False, True, [1, 0]]
         # Both processes stop at the same iteration with the same message (no hang).
         assert "loss became nan at epoch 1, iteration 2 on at least one of 2 processes" in record["error"]
+        assert record["steps"] == 1  # iteration 1 skipped by both processes (no hang)
     assert not (out / "checkpoint.pth").exists()
 
 

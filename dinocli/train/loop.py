@@ -22,7 +22,7 @@ from dinocli.data import list_images
 from dinocli.distributed import (
     ProcessGroup,
     agree_on_step,
-    all_reduce_max,
+    all_processes,
     barrier,
     destroy_distributed,
     global_batch_noise,
@@ -322,7 +322,7 @@ class Trainer:
         cfg = self.cfg
         last_epoch = cfg.epochs if stop_after_epoch is None else min(stop_after_epoch, cfg.epochs)
         resumed = self.resume_if_possible()
-        if not same_on_all_processes(self.iteration, self.device):
+        if not same_on_all_processes(self.iteration):
             raise DinoError(
                 f"the processes found different checkpoints in {self.out}; every node must see "
                 "the same --output folder (a shared file system) to resume"
@@ -607,10 +607,7 @@ class Trainer:
 
     def _all_have_images(self, has_images: bool) -> bool:
         """Whether every process has images this iteration (all processes must step together)."""
-        if self.group.world_size == 1:
-            return has_images
-        lacking = torch.tensor([0 if has_images else 1], device=self.device)
-        return int(all_reduce_max(lacking)) == 0
+        return has_images if self.group.world_size == 1 else all_processes(has_images)
 
     def close(self) -> None:
         self.display.close()
