@@ -13,7 +13,6 @@ the model is ``ceil(1.1 * step rate / rate per worker)``, at most the number of 
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from dinocli.data import list_images, open_rgb
 from dinocli.errors import UsageError
+from dinocli.runtime import usable_cpus
 
 #: The keys ``dino bench --json`` prints, in this order.
 JSON_KEYS = (
@@ -60,7 +60,7 @@ class BenchResult:
 
 def recommend_workers(step_rate: float, per_worker: float, cpus: int | None = None) -> int:
     """Workers that feed ``step_rate`` images/s at ``per_worker`` each, with a 10 % margin."""
-    cpus = cpus or os.cpu_count() or 1
+    cpus = cpus or usable_cpus()
     if per_worker <= 0:
         return cpus
     return max(1, min(cpus, math.ceil(MARGIN * step_rate / per_worker)))
@@ -189,15 +189,14 @@ def run_bench(
     """Measure the four rates on the images under ``data`` and say what limits training."""
     from dinocli.data.multicrop_dataset import collate_multicrop
     from dinocli.distributed import ProcessGroup
-    from dinocli.runtime import resolve_device, resolve_precision
+    from dinocli.runtime import resolve_device, resolve_precision, training_workers
     from dinocli.train.config import resolve_config
     from dinocli.train.loop import Trainer
 
     if images < 1 or steps < 1 or batch_size < 1:
         raise UsageError("--images, --steps and --batch-size must be positive")
     paths = list_images(data)  # files or tar shard members
-    cpus = os.cpu_count() or 1
-    workers = num_workers if num_workers >= 0 else min(10, cpus)
+    cpus = usable_cpus()
     batch_size = min(batch_size, len(paths))
     with tempfile.TemporaryDirectory(prefix="dino-bench-") as out:
         cfg = resolve_config(overrides={
@@ -205,9 +204,10 @@ def run_bench(
             "out_dim": out_dim, "precision": precision, "device": device, "batch_size": batch_size,
             "augment_on": augment_on, "global_crop_size": global_crop_size,
             "local_crop_size": local_crop_size, "local_crops_number": local_crops_number,
-            "epochs": 1, "warmup_epochs": 0, "progress": False, "num_workers": workers,
+            "epochs": 1, "warmup_epochs": 0, "progress": False, "num_workers": num_workers,
         })  # fmt: skip
         dev = resolve_device(cfg.device)
+        workers = num_workers if num_workers >= 0 else training_workers(dev, augment_on)
         trainer = Trainer(cfg, ProcessGroup(), dev, resolve_precision(cfg.precision, dev), False)
         try:
             dataset = trainer.make_dataset(seed=0)

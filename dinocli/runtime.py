@@ -37,6 +37,31 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     return device
 
 
+def usable_cpus() -> int:
+    """CPU cores for this process: its affinity mask (a container's or a job scheduler's share,
+    not the machine's count), shared among the processes torchrun started on this machine."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    try:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    except ValueError:
+        local = 1
+    return max(1, cores // max(1, local))
+
+
+def training_workers(device: torch.device, augment_on: str) -> int:
+    """Data-loading workers of ``dino pretrain --num-workers -1``, one core left to this process.
+
+    Every other core when the workers augment for a GPU (``--augment-on cpu``: they are what limits
+    such a run, ~140 images/s per core); else at most 10 (on a CPU device they take cores from the
+    model; with ``--augment-on gpu`` they only read bytes).
+    """
+    spare = max(1, usable_cpus() - 1)
+    return spare if device.type == "cuda" and augment_on == "cpu" else min(10, spare)
+
+
 def cpu_has_fast_bf16() -> bool:
     """True where the CPU computes bf16 matrix products natively (AVX-512 BF16 or AMX)."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")

@@ -25,7 +25,7 @@ def bench_command(
     precision: Annotated[str, typer.Option("--precision", help="auto, fp32, bf16 or fp16.")] = "auto",
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     num_workers: Annotated[
-        int, typer.Option("--num-workers", help="Data-loading workers to time; -1: min(10, CPUs).")
+        int, typer.Option("--num-workers", help="Data-loading workers to time; -1: as dino pretrain picks them.")
     ] = -1,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per training step.")] = 64,
     augment_on: Annotated[

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from dinocli.data import ShardMember, list_labelled_images, open_rgb, read_image
 from dinocli.data.shards import as_image
 from dinocli.errors import DinoError, UsageError
 from dinocli.evaluate.features_io import Features
-from dinocli.runtime import autocast, resolve_device, resolve_precision
+from dinocli.runtime import autocast, resolve_device, resolve_precision, usable_cpus
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -305,7 +304,7 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def default_num_workers() -> int:
     """Data-loading workers: up to 8, leaving one core to the main process."""
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
+    return max(0, min(8, usable_cpus() - 1))
 
 
 def _model_device(model: nn.Module) -> torch.device:

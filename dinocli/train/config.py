@@ -126,7 +126,12 @@ class PretrainConfig:
     )
     saveckp_freq: int = _opt(20, "Keep checkpoint{epoch:04d}.pth every N epochs; 0 never.", RUN)
     seed: int = _opt(0, "Random seed: data order, augmentation and initialisation.", RUN)
-    num_workers: int = _opt(-1, "Data-loading processes; -1 picks min(10, CPU count - 1), at least 1.", RUN)
+    num_workers: int = _opt(
+        -1,
+        "Data-loading processes; -1: every core but one when they augment for a GPU (--augment-on "
+        "cpu), else min(10, cores - 1); at least 1. Cores: this process's share of its CPU affinity.",
+        RUN,
+    )
     precision: str = _opt(
         "auto",
         "auto, fp32, bf16 or fp16 (fp16 with a gradient scaler, CUDA only). auto: bf16 on CUDA "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import threading
 import time
@@ -36,7 +35,7 @@ from dinocli.heads import DINOHead
 from dinocli.io import atomic_write_text
 from dinocli.loggers import open_loggers
 from dinocli.registry import create_augmentation, create_backbone
-from dinocli.runtime import autocast, resolve_precision
+from dinocli.runtime import autocast, resolve_precision, training_workers
 from dinocli.train.checkpoint import (
     BACKBONE_SPEC_KEY,
     LATEST,
@@ -249,8 +248,8 @@ class Trainer:
 
         self.dataset = self.make_dataset()
         workers = self.cfg.num_workers
-        if workers < 0:  # leave a core to the training process
-            workers = max(1, min(10, (os.cpu_count() or 2) - 1))
+        if workers < 0:
+            workers = training_workers(self.device, self.cfg.augment_on)
         return DataLoader(
             self.dataset,
             batch_size=self.cfg.batch_size,
