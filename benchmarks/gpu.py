@@ -34,6 +34,7 @@ import os
 import platform
 import tempfile
 import time
+import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ from dinocli import create_backbone
 from dinocli.distributed import ProcessGroup
 from dinocli.evaluate.extract import embed, extract_features
 from dinocli.evaluate.knn import knn_classify
+from dinocli.io import atomic_write_text
 from dinocli.runtime import autocast, resolve_device
 from dinocli.train import resolve_config
 from dinocli.train.loop import Trainer
@@ -412,12 +414,36 @@ def machine(device: torch.device) -> str:
 
 
 def run(s: Settings, device: torch.device, peak: float | None = None,
-        log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Every measurement as table rows; training rows stop when the time budget is spent."""
+        log: Callable[[str], None] = functools.partial(print, flush=True),
+        on_row: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """Every measurement as table rows; training rows stop when the time budget is spent.
+
+    A measurement that fails (out of memory, an error) becomes a row saying so, with its traceback
+    in the JSON, and the run goes on: one GPU session gets every figure it can. ``on_row`` is
+    called with the rows so far after each new one (``main`` prints it and rewrites the JSON)."""
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     crops = f"2x{s.global_size}+{s.local_crops}x{s.local_size}"
     low = "bf16" if device.type == "cuda" else "fp32"
+
+    def add(row: dict[str, Any]) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(rows)
+
+    def measure(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+        """``fn()``, or None after adding the row of its failure."""
+        log(f"... {name}")
+        try:
+            return fn()
+        except torch.cuda.OutOfMemoryError:
+            add({"what": name, "result": "out of memory"})
+        except Exception as error:  # noqa: BLE001 -- recorded, and the other measurements still run
+            message = str(error).strip().splitlines()
+            add({"what": name, "result": f"failed: {type(error).__name__}: {message[0] if message else ''}"[:300],
+                 "traceback": traceback.format_exc()})
+        reset_memory(device)
+        return None
 
     def train_row(name: str, r: dict[str, Any]) -> dict[str, Any]:
         mfu = _mfu(r["images_per_s"], r["flops_per_image"], peak)
@@ -431,7 +457,7 @@ def run(s: Settings, device: torch.device, peak: float | None = None,
     def budget_left(name: str) -> bool:
         if time.perf_counter() - started <= s.budget_s:
             return True
-        rows.append({"what": name, "result": "skipped (time budget spent)"})
+        add({"what": name, "result": "skipped (time budget spent)"})
         return False
 
     with tempfile.TemporaryDirectory(prefix="dinocli-gpu-bench-") as tmp:
@@ -445,63 +471,55 @@ def run(s: Settings, device: torch.device, peak: float | None = None,
                         precision = "fp32"  # what a CPU trains in
                     name = (f"train step {s.arch}/{s.patch_size} {crops} b{batch} {precision}"
                             f"{' compile' if compiled else ''}, synthetic tensors")
-                    if not budget_left(name):
-                        continue
-                    log(f"... {name}")
-                    try:
-                        r = bench_training(s, device, batch, precision, compiled, workdir)
-                    except torch.cuda.OutOfMemoryError:
-                        rows.append({"what": name, "result": "out of memory"})
-                        reset_memory(device)
-                        continue
-                    rows.append(train_row(name, r))
+                    if budget_left(name) and (r := measure(name, functools.partial(
+                            bench_training, s, device, batch, precision, compiled, workdir))):
+                        add(train_row(name, r))
         if True in s.compile_modes:
             iters = s.warmup_steps + s.steps
             name = f"losses of {iters} iterations, compile vs eager (b{s.check_batch} {low}, no stochastic depth)"
-            if budget_left(name):
-                log(f"... {name}")
+
+            def compiled_against_eager() -> dict[str, Any]:
                 eager, compiled = (bench_training(s, device, s.check_batch, low, c, workdir, drop_path_rate=0.0)
                                    for c in (False, True))
-                rows.append(loss_row(name, compiled["losses"], eager["losses"]))
+                return loss_row(name, compiled["losses"], eager["losses"])
+
+            if budget_left(name) and (row := measure(name, compiled_against_eager)):
+                add(row)
         name = f"--augment-on gpu work of the training process, b{s.e2e_batch} {crops} from {s.file_size[0]}x{s.file_size[1]} JPEGs"
-        if budget_left(name):
-            log(f"... {name}")
-            a = bench_device_augment(s, device, files)
-            rows.append({"what": name, **a,
-                         "result": f"host {a['host_ms']:.1f} ms per batch ({a['ops']} ops), done after {a['done_ms']:.1f} ms"})
+        if budget_left(name) and (a := measure(name, functools.partial(bench_device_augment, s, device, files))):
+            add({"what": name, **a,
+                 "result": f"host {a['host_ms']:.1f} ms per batch ({a['ops']} ops), done after {a['done_ms']:.1f} ms"})
         end_to_end: dict[str, dict[str, Any]] = {}
         for augment_on in ("cpu", "gpu"):
             name = (f"train end to end from {s.file_size[0]}x{s.file_size[1]} JPEGs, {crops} b{s.e2e_batch} {low},"
                     f" --augment-on {augment_on}, {s.workers} workers")
-            if not budget_left(name):
-                continue
-            log(f"... {name}")
-            end_to_end[augment_on] = bench_end_to_end(s, device, files, augment_on, low, workdir)
-            rows.append(train_row(name, end_to_end[augment_on]))
+            if budget_left(name) and (r := measure(name, functools.partial(
+                    bench_end_to_end, s, device, files, augment_on, low, workdir))):
+                end_to_end[augment_on] = r
+                add(train_row(name, r))
         if len(end_to_end) == 2:
-            rows.append(loss_row(f"losses of the {s.e2e_steps} end-to-end iterations, --augment-on gpu vs cpu",
-                                 end_to_end["gpu"]["losses"], end_to_end["cpu"]["losses"]))
+            add(loss_row(f"losses of the {s.e2e_steps} end-to-end iterations, --augment-on gpu vs cpu",
+                         end_to_end["gpu"]["losses"], end_to_end["cpu"]["losses"]))
         if device.type == "cuda":
-            log("... nvJPEG decoding with kernels queued")
-            d = bench_decode_safety(s, device, files)
-            rows.append({"what": "decode_jpeg on CUDA with reads of freed memory still queued (vision#9606)", **d,
-                         "result": f"torchvision alone overwrote them in {d['torchvision']}/{d['iterations']} calls, "
-                                   f"dinocli's decode in {d['dinocli']}/{d['iterations']}"})
-        log("... extract")
-        e = bench_extract(s, device, low, files)
-        rows.append({"what": f"extract {s.arch}/{s.patch_size} {s.global_size}px forward {low}", **e,
-                     "result": f"{e['forward_images_per_s']:.0f} img/s"})
-        where = "GPU" if device.type == "cuda" else device.type
-        rows.append({"what": f"extract_features from JPEG files, decode+resize on the {where}, {s.workers} workers",
-                     "result": f"{e['device_decode']:.0f} img/s"})
-        rows.append({"what": f"extract_features from JPEG files, decode+resize in the workers (PIL), {s.workers} workers",
-                     "result": f"{e['worker_decode']:.0f} img/s"})
-        log("... k-NN")
-        k = bench_knn(s, device)
-        rows.append({"what": f"k-NN {s.knn_train}x{s.knn_val}x{s.knn_dim}, k=10/20/100/200", **k,
-                     "result": f"{k['seconds']:.2f} s ({k['backend']}), top-1 k=20 {k['top1_k20']:.1f}%"})
+            name = "decode_jpeg on CUDA with reads of freed memory still queued (vision#9606)"
+            if d := measure(name, functools.partial(bench_decode_safety, s, device, files)):
+                add({"what": name, **d,
+                     "result": f"torchvision alone overwrote them in {d['torchvision']}/{d['iterations']} calls, "
+                               f"dinocli's decode in {d['dinocli']}/{d['iterations']}"})
+        name = f"extract {s.arch}/{s.patch_size} {s.global_size}px forward {low}"
+        if e := measure(name, functools.partial(bench_extract, s, device, low, files)):
+            add({"what": name, **e, "result": f"{e['forward_images_per_s']:.0f} img/s"})
+            where = "GPU" if device.type == "cuda" else device.type
+            add({"what": f"extract_features from JPEG files, decode+resize on the {where}, {s.workers} workers",
+                 "result": f"{e['device_decode']:.0f} img/s"})
+            add({"what": f"extract_features from JPEG files, decode+resize in the workers (PIL), {s.workers} workers",
+                 "result": f"{e['worker_decode']:.0f} img/s"})
+        name = f"k-NN {s.knn_train}x{s.knn_val}x{s.knn_dim}, k=10/20/100/200"
+        if k := measure(name, functools.partial(bench_knn, s, device)):
+            add({"what": name, **k,
+                 "result": f"{k['seconds']:.2f} s ({k['backend']}), top-1 k=20 {k['top1_k20']:.1f}%"})
     if device.type == "cuda":
-        rows.append({"what": "peak GPU memory of the run", "result": f"{peak_memory_mb(device):.0f} MiB"})
+        add({"what": "peak GPU memory of the run", "result": f"{peak_memory_mb(device):.0f} MiB"})
     return rows
 
 
@@ -524,8 +542,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: seconds on a CPU")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows")
-    parser.add_argument("--steps", type=int, help="timed training steps per row (default 10)")
-    parser.add_argument("--budget-s", type=float, help="training rows stop after this many seconds (450)")
+    parser.add_argument("--steps", type=int, help="timed training steps per row (default 17)")
+    parser.add_argument("--budget-s", type=float, help="training rows stop after this many seconds (420)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--files", type=int, help="generated JPEG files (default 4096)")
     parser.add_argument("--workers", type=int, help="data-loading workers (default min(16, CPUs))")
@@ -553,10 +571,19 @@ def main(argv: list[str] | None = None) -> None:
         s.e2e_batch = args.e2e_batch
     peak = peak_flops(device, args.peak_tflops)
     start = time.perf_counter()
-    rows = run(s, device, peak)
+
+    def save(rows: list[dict[str, Any]]) -> None:
+        """Print the newest row and rewrite the JSON: a run cut short keeps what it measured."""
+        print(f"    {rows[-1]['what']}: {rows[-1]['result']}", flush=True)
+        if args.json:
+            atomic_write_text(args.json, json.dumps({"machine": machine(device), "complete": False, "rows": rows},
+                                                    indent=2, default=str))
+
+    rows = run(s, device, peak, on_row=save)
     print(table(rows, f"dinocli GPU benchmark -- {machine(device)} ({time.perf_counter() - start:.0f} s)"))
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(device), "rows": rows}, indent=2, default=str))
+        atomic_write_text(args.json, json.dumps({"machine": machine(device), "complete": True, "rows": rows},
+                                                indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ def test_quick_run_on_the_cpu_measures_every_row(tmp_path, capsys):
     out = tmp_path / "gpu.json"
     load_script().main(["--device", "cpu", "--quick", "--json", str(out)])
     assert "dinocli GPU benchmark" in capsys.readouterr().out
-    rows = json.loads(out.read_text())["rows"]
+    saved = json.loads(out.read_text())
+    assert saved["complete"] is True
+    rows = saved["rows"]
     names = [r["what"] for r in rows]
     assert any(n.startswith("train step") for n in names)
     assert sum("train end to end" in n for n in names) == 2
@@ -53,6 +55,35 @@ def test_quick_run_on_the_cpu_measures_every_row(tmp_path, capsys):
     assert train["loss"] == pytest.approx(train["loss"]) and 0 < train["loss"] < 20  # finite, about log(K)
     host = next(r for r in rows if r["what"].startswith("--augment-on gpu work of the training process"))
     assert 0 < host["host_ms"] <= host["done_ms"] and host["ops"] > 0 and host["batch"] == 4
+
+
+def test_a_failed_measurement_is_a_row_and_the_json_keeps_what_a_run_cut_short_measured(tmp_path, monkeypatch,
+                                                                                      capsys):
+    gpu = load_script()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    for name in ("bench_training", "bench_end_to_end", "bench_extract"):
+        monkeypatch.setattr(gpu, name, boom)
+    monkeypatch.setattr(gpu, "bench_knn", interrupted)  # the last measurement: the run is cut short there
+    out = tmp_path / "gpu.json"
+    with pytest.raises(KeyboardInterrupt):
+        gpu.main(["--device", "cpu", "--quick", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["complete"] is False
+    failed = [r for r in saved["rows"] if r["result"].startswith("failed")]
+    assert [r["what"].split(" ")[0] for r in failed] == ["train", "train", "train", "extract"]
+    for r in failed:
+        assert r["result"] == "failed: RuntimeError: boom"
+        assert "Traceback" in r["traceback"] and "second line" in r["traceback"]
+    host = next(r for r in saved["rows"] if r["what"].startswith("--augment-on gpu work"))
+    assert host["ops"] > 0  # measured between the failures
+    assert not any(r["what"].startswith(("k-NN", "losses of")) for r in saved["rows"])
+    assert "train step vit_tiny/16" in capsys.readouterr().out  # each row printed as it is measured
 
 
 def test_op_counter_counts_the_aten_operations_run_inside_it():
