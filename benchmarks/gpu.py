@@ -276,15 +276,15 @@ def bench_end_to_end(s: Settings, device: torch.device, files: Path, augment_on:
         group["lr"] = 1e-4
     try:
         dataset = trainer.make_dataset(seed=0)  # for a GPU, workers send uint8 levels (cpu path)
-        rate, losses = end_to_end_rate(trainer, dataset, s.workers, s.e2e_batch, s.e2e_steps)
+        e = end_to_end_rate(trainer, dataset, s.workers, s.e2e_batch, s.e2e_steps)
         flops = train_flops_per_image(trainer, s)
     finally:
         trainer.close()
     memory = peak_memory_mb(device)
     del trainer
     reset_memory(device)
-    return {"images_per_s": rate, "peak_memory_mb": memory, "flops_per_image": flops, "workers": s.workers,
-            "losses": losses}
+    return {"images_per_s": e.images_per_s, "peak_memory_mb": memory, "flops_per_image": flops,
+            "workers": s.workers, "data_wait_share": e.data_wait_share, "losses": e.losses}
 
 
 def bench_device_augment(s: Settings, device: torch.device, files: Path, repeats: int = 5) -> dict[str, Any]:
@@ -452,6 +452,8 @@ def run(s: Settings, device: torch.device, peak: float | None = None,
         warm = f" (warm-up {r['warmup_s']:.0f}s)" if "warmup_s" in r else ""
         if r.get("host_syncs_per_step") is not None:
             mem += f", {r['host_syncs_per_step']} host sync(s) per step"
+        if "data_wait_share" in r:
+            mem += f", waiting for data {100 * r['data_wait_share']:.0f}% of the time"
         return {"what": name, **r, "mfu": mfu, "result": f"{r['images_per_s']:.0f} img/s{extra}{mem}{warm}"}
 
     def budget_left(name: str) -> bool:

@@ -128,10 +128,20 @@ def step_rate(trainer, batch, steps: int) -> float:
     return steps * n_images(batch) / (time.perf_counter() - start)
 
 
-def end_to_end_rate(trainer, dataset, num_workers: int, batch_size: int, steps: int) -> tuple[float, list[float]]:
+@dataclass
+class EndToEnd:
+    """What :func:`end_to_end_rate` measured."""
+
+    images_per_s: float
+    data_wait_share: float  # of the timed seconds, the share spent waiting for the next batch
+    losses: list[float]
+
+
+def end_to_end_rate(trainer, dataset, num_workers: int, batch_size: int, steps: int) -> EndToEnd:
     """Images/s from files to the end of ``trainer.step``: a ``DataLoader`` with ``num_workers``
     workers feeding the training steps (after one warm-up batch, so worker start-up is left out);
-    and the losses of the timed steps."""
+    the share of that time the training process waited for the workers (near 1: data-bound; near
+    0: the step limits); and the losses of the timed steps."""
     from dinocli.data.multicrop_dataset import collate_multicrop
 
     indices = [i % len(dataset) for i in range((steps + 1) * batch_size)]
@@ -148,14 +158,20 @@ def end_to_end_rate(trainer, dataset, num_workers: int, batch_size: int, steps: 
     trainer.step(next(it).crops, temp, momentum, diagnose=False)
     trainer.settle()
     _sync(trainer.device)
-    start, n, losses = time.perf_counter(), 0, []
-    for batch in it:
+    start, n, losses, waited = time.perf_counter(), 0, [], 0.0
+    while True:
+        asked = time.perf_counter()
+        batch = next(it, None)
+        waited += time.perf_counter() - asked
+        if batch is None:
+            break
         if n_images(batch.crops):
             losses += trainer.step(batch.crops, temp, momentum, diagnose=False)[0]
             n += n_images(batch.crops)
     losses += trainer.settle()
     _sync(trainer.device)
-    return n / max(time.perf_counter() - start, 1e-9), losses
+    seconds = max(time.perf_counter() - start, 1e-9)
+    return EndToEnd(n / seconds, min(waited / seconds, 1.0), losses)
 
 
 def n_images(crops) -> int:
@@ -218,7 +234,7 @@ def run_bench(
             if not batch.crops:
                 raise UsageError(f"no image under {data} could be decoded")
             step = step_rate(trainer, batch.crops, steps)
-            end_to_end, _ = end_to_end_rate(trainer, dataset, workers, batch_size, steps)
+            end_to_end = end_to_end_rate(trainer, dataset, workers, batch_size, steps)
         finally:
             trainer.close()
     recommended = recommend_workers(step, per_worker, cpus)
@@ -227,15 +243,15 @@ def run_bench(
         augment_images_per_s_per_worker=round(per_worker, 1),
         augment_images_per_s=round(with_workers, 1),
         step_images_per_s=round(step, 1),
-        end_to_end_images_per_s=round(end_to_end, 1),
+        end_to_end_images_per_s=round(end_to_end.images_per_s, 1),
         bottleneck="data" if with_workers < step else "model",
         recommended_num_workers=recommended,
         details={
             "arch": arch, "patch_size": patch_size, "device": str(dev), "precision": trainer.precision,
             "num_workers": workers, "batch_size": batch_size, "augment_on": augment_on,
-            "images": len(paths), "cpus": cpus,
+            "images": len(paths), "cpus": cpus, "data_wait_share": round(end_to_end.data_wait_share, 3),
         },  # fmt: skip
     )
 
 
-__all__ = ["JSON_KEYS", "BenchResult", "recommend_workers", "run_bench"]
+__all__ = ["JSON_KEYS", "BenchResult", "EndToEnd", "end_to_end_rate", "recommend_workers", "run_bench"]

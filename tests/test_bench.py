@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from dinocli.bench import JSON_KEYS, recommend_workers
+from dinocli.bench import JSON_KEYS, end_to_end_rate, recommend_workers
 from dinocli.cli import app
 from dinocli.errors import UsageError
 from dinocli.train.config import resolve_config
@@ -74,6 +77,48 @@ def test_human_output_with_augmentation_on_the_device(cli, images, one_thread):
     assert "augmentation on gpu" in result.stdout
     assert "bottleneck:" in result.stdout and "recommended: --num-workers" in result.stdout
     assert "end to end (files -> step)" in result.stdout
+    assert re.search(r"waiting for data \d+ % of the time", result.stdout)
+
+
+class SleepyViews(torch.utils.data.Dataset):
+    """Two 4x4 views per item, each item taking ``seconds`` to load."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        time.sleep(self.seconds)
+        return [torch.full((3, 4, 4), float(i)), torch.zeros(3, 2, 2)]
+
+
+class SleepyTrainer:
+    """What ``end_to_end_rate`` uses of a ``Trainer``; each step takes ``seconds``, its loss the batch's mean."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.pending = seconds, []
+        self.device = torch.device("cpu")
+        self.schedules = SimpleNamespace(teacher_temp=lambda it: 0.04, momentum=lambda it: 0.996)
+
+    def step(self, crops, temp, momentum, diagnose):
+        time.sleep(self.seconds)
+        ready, self.pending = self.pending, [float(crops[0].mean())]
+        return ready, None
+
+    def settle(self):
+        ready, self.pending = self.pending, []
+        return ready
+
+
+@pytest.mark.parametrize("load_s, step_s, waits", [(0.02, 0.0, True), (0.0, 0.08, False)])
+def test_end_to_end_says_how_long_the_step_waited_for_data(load_s, step_s, waits):
+    """In-process loading (no workers): a slow data set is waited for, a slow step is not."""
+    measured = end_to_end_rate(SleepyTrainer(step_s), SleepyViews(load_s), num_workers=0, batch_size=2, steps=3)
+    assert measured.losses == [2.5, 4.5, 6.5]  # the timed batches (items 2-7, after the warm-up batch), each once
+    assert (measured.data_wait_share > 0.8) if waits else (measured.data_wait_share < 0.2)
+    assert measured.images_per_s == pytest.approx(6 / (3 * (2 * load_s + step_s)), rel=0.5)
 
 
 def test_missing_folder_is_one_line_and_exit_2(cli, tmp_path):

@@ -39,6 +39,7 @@ def test_quick_run_on_the_cpu_measures_every_row(tmp_path, capsys):
     names = [r["what"] for r in rows]
     assert any(n.startswith("train step") for n in names)
     assert sum("train end to end" in n for n in names) == 2
+    assert all(0 <= r["data_wait_share"] <= 1 for r in rows if "train end to end" in r["what"])
     assert sum(n.startswith("extract_features from JPEG") for n in names) == 2
     assert any(n.startswith("k-NN") for n in names)
     assert not any("vision#9606" in n for n in names)  # a CUDA-only row

@@ -60,7 +60,10 @@ def bench_command(
     typer.echo(f"  decode + augment           {result.augment_images_per_s_per_worker:9.1f} images/s per worker")
     typer.echo(f"  with {d['num_workers']:2d} workers            {result.augment_images_per_s:9.1f} images/s")
     typer.echo(f"  training step              {result.step_images_per_s:9.1f} images/s")
-    typer.echo(f"  end to end (files -> step) {result.end_to_end_images_per_s:9.1f} images/s")
+    typer.echo(
+        f"  end to end (files -> step) {result.end_to_end_images_per_s:9.1f} images/s "
+        f"(waiting for data {100 * d['data_wait_share']:.0f} % of the time)"
+    )
     limit = "the data pipeline" if result.bottleneck == "data" else "the model"
     typer.echo(f"bottleneck: {result.bottleneck} ({limit} limits training)")
     typer.echo(
