@@ -5,7 +5,8 @@ Everything the issue asks for, in one run (about 4-6 minutes on one H100/H200; n
 - train step: images/s, MFU and peak memory of dinocli's real ``Trainer.step`` (student and
   teacher forward, DINO loss, backward, clipping, fused AdamW, EMA) for vit_small/16 with
   2 x 224 px + 8 x 96 px crops and 65536 prototypes, batch 128, bf16, eager and ``--compile``, on
-  synthetic tensors already on the device (data loading left out);
+  synthetic tensors already on the device (data loading left out), and where its time goes
+  (:func:`step_profile`: kernel time against step time, by kind of kernel);
 - train end to end: generated 500x375 JPEG files -> ``DataLoader`` workers -> ``Trainer.step``,
   with the augmentation in the workers (``--augment-on cpu``) and on the device
   (``--augment-on gpu``: workers read bytes; nvJPEG decode, crops, colour, blur on the GPU);
@@ -231,7 +232,12 @@ def bench_training(s: Settings, device: torch.device, batch: int, precision: str
         synchronize(device)
         seconds = time.perf_counter() - start
         trainer.step(views, 0.04, 0.996, diagnose=False)  # a loss in flight, as in the training loop
-        syncs = host_syncs(device, functools.partial(trainer.step, views, 0.04, 0.996, diagnose=False))
+        step = functools.partial(trainer.step, views, 0.04, 0.996, diagnose=False)
+        syncs = host_syncs(device, step)
+        try:
+            profile = step_profile(step, device, step_ms=1000 * seconds / s.steps)
+        except Exception as error:  # noqa: BLE001 -- a diagnosis: the rate stands without it
+            profile = {"failed": f"{type(error).__name__}: {error}"[:300]}
         trainer.settle()
     finally:
         trainer.close()
@@ -240,7 +246,7 @@ def bench_training(s: Settings, device: torch.device, batch: int, precision: str
     reset_memory(device)
     return {"images_per_s": batch * s.steps / seconds, "peak_memory_mb": memory,
             "warmup_s": warmup_s, "loss": losses[-1], "losses": losses, "flops_per_image": flops,
-            "host_syncs_per_step": syncs}
+            "host_syncs_per_step": syncs, "profile": profile}
 
 
 def host_syncs(device: torch.device, fn: Callable[[], Any]) -> int | None:
@@ -255,6 +261,72 @@ def host_syncs(device: torch.device, fn: Callable[[], Any]) -> int | None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) for w in caught)
+
+
+#: What each kind of operation or kernel is, by a part of its lower-cased name (the first match wins).
+KINDS = (
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("matrix products", ("gemm", "cutlass", "xmma", "cublas", "aten::mm", "aten::addmm", "aten::bmm",
+                         "aten::baddbmm", "aten::_addmm", "mkldnn_matmul")),
+    ("foreach updates (optimiser, EMA, clipping)", ("adam", "foreach", "multi_tensor")),
+    ("copies", ("memcpy", "memset", "aten::copy_")),
+)
+
+
+def kind_of(name: str) -> str:
+    """The :data:`KINDS` entry ``name`` (an ATen operation or a CUDA kernel) belongs to, else "other"."""
+    low = name.lower()
+    return next((kind for kind, parts in KINDS if any(part in low for part in parts)), "other")
+
+
+def step_profile(step: Callable[[], Any], device: torch.device, step_ms: float, steps: int = 2,
+                 top: int = 5) -> dict[str, Any]:
+    """Where ``steps`` calls of ``step`` spend their time (``torch.profiler``): on CUDA the kernels'
+    time per step against ``step_ms`` (the unprofiled step; well below 100 %: the GPU waits for the
+    host) and kernels per step; on a CPU the time inside ATen operations. Both by :data:`KINDS`, and
+    the ``top`` kernels or operations."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    averages = prof.key_averages()
+    if cuda:
+        rows = [a for a in averages if a.device_type != DeviceType.CPU]  # kernels, copies, fills
+        rows = rows or [a for a in averages if a.self_device_time_total > 0]  # kernels folded into their ops
+        busy_us = {a.key: a.self_device_time_total for a in rows}
+    else:
+        busy_us = {a.key: a.self_cpu_time_total for a in averages}
+    total = sum(busy_us.values())
+    if cuda and not total:
+        raise RuntimeError("the profiler recorded no GPU kernels (is CUPTI available?)")
+    kinds: dict[str, float] = {}
+    for key, us in busy_us.items():
+        kinds[kind_of(key)] = kinds.get(kind_of(key), 0.0) + us / max(total, 1e-9)
+    ranked = sorted(busy_us, key=busy_us.get, reverse=True)[:top]
+    return {
+        "busy_ms_per_step": total / 1000 / steps, "step_ms": step_ms,
+        "busy_share": total / 1000 / steps / step_ms, "on": "GPU kernels" if cuda else "CPU in ATen operations",
+        "kernels_per_step": sum(a.count for a in rows) / steps if cuda else None,
+        "ops_per_step": sum(a.count for a in averages if a.device_type == DeviceType.CPU) / steps,
+        "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+        "top": [(key[:80], busy_us[key] / max(total, 1e-9)) for key in ranked],
+    }
+
+
+def profile_result(p: dict[str, Any]) -> str:
+    """One line of :func:`step_profile`'s figures."""
+    if "failed" in p:
+        return f"failed: {p['failed']}"
+    kinds = ", ".join(f"{kind} {100 * share:.0f}%" for kind, share in p["kinds"].items())
+    count = (f"{p['kernels_per_step']:.0f} kernels" if p["kernels_per_step"] is not None
+             else f"{p['ops_per_step']:.0f} ATen calls")
+    return (f"{p['on']} {p['busy_ms_per_step']:.1f} of {p['step_ms']:.1f} ms per step "
+            f"({100 * p['busy_share']:.0f}%; {count}): {kinds}")
 
 
 def max_relative_difference(a: list[float], b: list[float]) -> float:
@@ -476,6 +548,8 @@ def run(s: Settings, device: torch.device, peak: float | None = None,
                     if budget_left(name) and (r := measure(name, functools.partial(
                             bench_training, s, device, batch, precision, compiled, workdir))):
                         add(train_row(name, r))
+                        add({"what": f"where the time of that step goes{' (compiled)' if compiled else ''}",
+                             **r["profile"], "result": profile_result(r["profile"])})
         if True in s.compile_modes:
             iters = s.warmup_steps + s.steps
             name = f"losses of {iters} iterations, compile vs eager (b{s.check_batch} {low}, no stochastic depth)"

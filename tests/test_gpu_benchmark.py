@@ -54,6 +54,11 @@ def test_quick_run_on_the_cpu_measures_every_row(tmp_path, capsys):
     train = next(r for r in rows if r["what"].startswith("train step"))
     assert len(train["losses"]) == 3 and train["host_syncs_per_step"] is None  # warm-up + timed; no CUDA
     assert train["loss"] == pytest.approx(train["loss"]) and 0 < train["loss"] < 20  # finite, about log(K)
+    profile = next(r for r in rows if r["what"].startswith("where the time of that step goes"))
+    assert names.index(profile["what"]) == names.index(train["what"]) + 1
+    assert sum(profile["kinds"].values()) == pytest.approx(1.0) and profile["kinds"]["matrix products"] > 0.1
+    assert 0 < profile["busy_ms_per_step"] and profile["kernels_per_step"] is None and profile["ops_per_step"] > 100
+    assert profile["result"].startswith("CPU in ATen operations")
     host = next(r for r in rows if r["what"].startswith("--augment-on gpu work of the training process"))
     assert 0 < host["host_ms"] <= host["done_ms"] and host["ops"] > 0 and host["batch"] == 4
 
@@ -85,6 +90,24 @@ def test_a_failed_measurement_is_a_row_and_the_json_keeps_what_a_run_cut_short_m
     assert host["ops"] > 0  # measured between the failures
     assert not any(r["what"].startswith(("k-NN", "losses of")) for r in saved["rows"])
     assert "train step vit_tiny/16" in capsys.readouterr().out  # each row printed as it is measured
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "matrix products"),
+    ("ampere_bf16_s16816gemm_bf16_128x64_ldg8_f2f_stages_64x3_tn", "matrix products"),
+    ("aten::addmm", "matrix products"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "attention"),
+    ("fmha_cutlassB_bf16_aligned_64x64_k64_sm80", "attention"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<TensorListMetadata<4>>",
+     "foreach updates (optimiser, EMA, clipping)"),
+    ("aten::_fused_adamw_", "foreach updates (optimiser, EMA, clipping)"),
+    ("Memcpy HtoD (Pinned -> Device)", "copies"),
+    ("triton_per_fused_native_layer_norm_0", "other"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "other"),
+])
+def test_kernels_and_operations_are_sorted_into_kinds(name, kind):
+    assert load_script().kind_of(name) == kind
 
 
 def test_op_counter_counts_the_aten_operations_run_inside_it():
