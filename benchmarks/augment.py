@@ -10,10 +10,13 @@ ratio, and the machine.
     python benchmarks/augment.py --data DIR --images 200 --rounds 5 --json out.json
     python benchmarks/augment.py --workers 2     # also: a DataLoader sending float views vs uint8 levels
 
+It also times what a worker does for ``--augment-on split`` (decode, crops, resize and flip; the
+training device colours the views, which is not timed here), against the whole ``dinocli`` item.
+
 ``--workers N`` also times what a GPU run's workers send through a ``DataLoader`` with N workers:
 the normalised float views (what a CPU run uses) against uint8 levels (``MultiCropDataset(levels=True)``,
-what a GPU run uses; the GPU then normalises them, which is not timed here), in wall time, alternating
-rounds of 4 batches of 32.
+what a GPU run uses; the GPU then normalises them, which is not timed here) and the uncoloured levels of
+``--augment-on split``, in wall time, alternating rounds of 4 batches of 32.
 """
 
 from __future__ import annotations
@@ -122,10 +125,11 @@ def loader_rates(paths: list[Path], workers: int, rounds: int, batch: int = 32) 
 
     aug = dinocli.create_augmentation("dino")
     count = 4 * batch
-    seconds = {"float_views": 0.0, "uint8_levels": 0.0}
+    seconds = {"float_views": 0.0, "uint8_levels": 0.0, "split_levels": 0.0}
     for _ in range(rounds):
         for name in seconds:
-            ds = MultiCropDataset(paths, aug, seed=0, levels=name == "uint8_levels")
+            ds = MultiCropDataset(paths, aug, seed=0, levels=name == "uint8_levels",
+                                  colour_on_device=name == "split_levels")
             indices = [i % len(paths) for i in range(count + batch)]
             it = iter(DataLoader(Subset(ds, indices), batch_size=batch, num_workers=workers,
                                  collate_fn=collate_multicrop))
@@ -155,6 +159,7 @@ def main() -> None:
 
     reference = ReferenceDINOAugmentation()
     ours = MultiCropDataset(paths, dinocli.create_augmentation("dino"), seed=0, on_bad_image="fail")
+    split = MultiCropDataset(paths, ours.augmentation, seed=0, on_bad_image="fail", colour_on_device=True)
     decoded = [open_rgb(p) for p in paths]
     aug = ours.augmentation
 
@@ -163,6 +168,7 @@ def main() -> None:
         "dinocli": lambda i: ours[i],
         "reference_augment_only": lambda i: reference(decoded[i]),
         "dinocli_augment_only": lambda i: aug(decoded[i], ours.generator(i)),
+        "dinocli_split_worker": lambda i: split[i],  # --augment-on split: the device colours
     }
     indices = list(range(len(paths)))
     for fn in pipelines.values():  # warm-up
@@ -181,6 +187,7 @@ def main() -> None:
         "images_per_s_per_core": {k: round(v, 1) for k, v in rate.items()},
         "ratio_decode_and_augment": round(rate["dinocli"] / rate["reference"], 3),
         "ratio_augment_only": round(rate["dinocli_augment_only"] / rate["reference_augment_only"], 3),
+        "ratio_split_worker": round(rate["dinocli_split_worker"] / rate["dinocli"], 3),
     }
     print(f"machine: {result['machine']}")
     print(f"{len(indices)} images from {args.data}, {args.rounds} alternating rounds, 1 thread, CPU time")
@@ -188,13 +195,16 @@ def main() -> None:
         print(f"  {name:24s} {r:8.1f} images/s per core")
     print(f"dinocli / reference (decode + augment): {result['ratio_decode_and_augment']:.2f}x")
     print(f"dinocli / reference (augment only):     {result['ratio_augment_only']:.2f}x")
+    print(f"--augment-on split worker / dinocli:    {result['ratio_split_worker']:.2f}x")
     if args.workers > 0:
         torch.set_num_threads(1)
         loader = loader_rates(paths, args.workers, args.rounds)
         result["loader_images_per_s"] = {k: round(v, 1) for k, v in loader.items()}
         result["ratio_levels_over_floats"] = round(loader["uint8_levels"] / loader["float_views"], 3)
+        result["ratio_split_over_floats"] = round(loader["split_levels"] / loader["float_views"], 3)
         print(f"DataLoader, {args.workers} workers (wall time): float views {loader['float_views']:.1f}, "
-              f"uint8 levels {loader['uint8_levels']:.1f} images/s ({result['ratio_levels_over_floats']:.2f}x)")
+              f"uint8 levels {loader['uint8_levels']:.1f} ({result['ratio_levels_over_floats']:.2f}x), "
+              f"split levels {loader['split_levels']:.1f} images/s ({result['ratio_split_over_floats']:.2f}x)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -8,8 +8,9 @@ Everything the issue asks for, in one run (about 4-6 minutes on one H100/H200; n
   synthetic tensors already on the device (data loading left out), and where its time goes
   (:func:`step_profile`: kernel time against step time, by kind of kernel);
 - train end to end: generated 500x375 JPEG files -> ``DataLoader`` workers -> ``Trainer.step``,
-  with the augmentation in the workers (``--augment-on cpu``) and on the device
-  (``--augment-on gpu``: workers read bytes; nvJPEG decode, crops, colour, blur on the GPU);
+  with the augmentation in the workers (``--augment-on cpu``), split (``split``: workers decode,
+  crop and resize; colour, blur and solarisation on the GPU) and on the device (``--augment-on
+  gpu``: workers read bytes; nvJPEG decode, crops, colour, blur on the GPU);
 - extract: backbone forward on tensors, and ``extract_features`` from the JPEG files with the
   decoding, resize and crop on the GPU (the default on CUDA) and in the workers (PIL);
 - k-NN: ``knn_classify`` on 50k x 10k synthetic features.
@@ -566,16 +567,17 @@ def run(s: Settings, device: torch.device, peak: float | None = None,
             add({"what": name, **a,
                  "result": f"host {a['host_ms']:.1f} ms per batch ({a['ops']} ops), done after {a['done_ms']:.1f} ms"})
         end_to_end: dict[str, dict[str, Any]] = {}
-        for augment_on in ("cpu", "gpu"):
+        for augment_on in ("cpu", "split", "gpu"):
             name = (f"train end to end from {s.file_size[0]}x{s.file_size[1]} JPEGs, {crops} b{s.e2e_batch} {low},"
                     f" --augment-on {augment_on}, {s.workers} workers")
             if budget_left(name) and (r := measure(name, functools.partial(
                     bench_end_to_end, s, device, files, augment_on, low, workdir))):
                 end_to_end[augment_on] = r
                 add(train_row(name, r))
-        if len(end_to_end) == 2:
-            add(loss_row(f"losses of the {s.e2e_steps} end-to-end iterations, --augment-on gpu vs cpu",
-                         end_to_end["gpu"]["losses"], end_to_end["cpu"]["losses"]))
+        for other in ("split", "gpu"):
+            if "cpu" in end_to_end and other in end_to_end:
+                add(loss_row(f"losses of the {s.e2e_steps} end-to-end iterations, --augment-on {other} vs cpu",
+                             end_to_end[other]["losses"], end_to_end["cpu"]["losses"]))
         if device.type == "cuda":
             name = "decode_jpeg on CUDA with reads of freed memory still queued (vision#9606)"
             if d := measure(name, functools.partial(bench_decode_safety, s, device, files)):

@@ -5,7 +5,8 @@ in one process (what one data-loading worker does, one thread), the same through
 with N workers, training steps of the chosen model (the real :meth:`Trainer.step`: student
 and teacher forward, DINO loss, backward, optimiser and EMA update) on a real augmented batch, and
 end to end: files through the ``DataLoader`` with N workers into ``Trainer.step`` (with
-``--augment-on gpu`` the step also decodes and augments, so the per-worker rate is only reading).
+``--augment-on gpu`` the step also decodes and augments, so the per-worker rate is only reading;
+with ``split`` the step colours, so the per-worker rate is decoding, cropping and resizing).
 The slower of the data rate and the step rate limits training; the number of workers that feeds
 the model is ``ceil(1.1 * step rate / rate per worker)``, at most the number of CPUs.
 """

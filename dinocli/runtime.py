@@ -55,11 +55,11 @@ def training_workers(device: torch.device, augment_on: str) -> int:
     """Data-loading workers of ``dino pretrain --num-workers -1``, one core left to this process.
 
     Every other core when the workers augment for a GPU (``--augment-on cpu``: they are what limits
-    such a run, ~140 images/s per core); else at most 10 (on a CPU device they take cores from the
-    model; with ``--augment-on gpu`` they only read bytes).
+    such a run, ~115 images/s per core for 500x375 JPEGs; ``split``: ~330); else at most 10 (on a CPU
+    device they take cores from the model; with ``--augment-on gpu`` they only read bytes).
     """
     spare = max(1, usable_cpus() - 1)
-    return spare if device.type == "cuda" and augment_on == "cpu" else min(10, spare)
+    return spare if device.type == "cuda" and augment_on in ("cpu", "split") else min(10, spare)
 
 
 def cpu_has_fast_bf16() -> bool:

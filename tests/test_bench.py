@@ -137,5 +137,6 @@ def test_pretrain_config_validates_augment_on():
     base = {"data": "x", "output": "y"}
     assert resolve_config(overrides=base).augment_on == "cpu"
     assert resolve_config(overrides={**base, "augment_on": "gpu"}).augment_on == "gpu"
+    assert resolve_config(overrides={**base, "augment_on": "split"}).augment_on == "split"
     with pytest.raises(UsageError, match="augment-on"):
         resolve_config(overrides={**base, "augment_on": "tpu"})

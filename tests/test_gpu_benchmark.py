@@ -38,7 +38,7 @@ def test_quick_run_on_the_cpu_measures_every_row(tmp_path, capsys):
     rows = saved["rows"]
     names = [r["what"] for r in rows]
     assert any(n.startswith("train step") for n in names)
-    assert sum("train end to end" in n for n in names) == 2
+    assert sum("train end to end" in n for n in names) == 3
     assert all(0 <= r["data_wait_share"] <= 1 for r in rows if "train end to end" in r["what"])
     assert sum(n.startswith("extract_features from JPEG") for n in names) == 2
     assert any(n.startswith("k-NN") for n in names)
@@ -48,6 +48,8 @@ def test_quick_run_on_the_cpu_measures_every_row(tmp_path, capsys):
             assert r["images_per_s"] > 0 and r["flops_per_image"] > 0 and r["mfu"] is None  # no peak on a CPU
     knn = next(r for r in rows if r["what"].startswith("k-NN"))
     assert knn["backend"] == "faiss-cpu" and knn["top1_k20"] > 50  # well separated clusters
+    split = next(r for r in rows if "--augment-on split vs cpu" in r["what"])
+    assert split["max_relative_difference"] == 0  # the same views, coloured elsewhere
     same = next(r for r in rows if "--augment-on gpu vs cpu" in r["what"])
     assert len(same["losses"]) == len(same["reference_losses"]) == 2  # the timed end-to-end steps
     assert 0 <= same["max_relative_difference"] < 4e-3  # the views differ by the resize's rounding only
@@ -82,7 +84,7 @@ def test_a_failed_measurement_is_a_row_and_the_json_keeps_what_a_run_cut_short_m
     saved = json.loads(out.read_text())
     assert saved["complete"] is False
     failed = [r for r in saved["rows"] if r["result"].startswith("failed")]
-    assert [r["what"].split(" ")[0] for r in failed] == ["train", "train", "train", "extract"]
+    assert [r["what"].split(" ")[0] for r in failed] == ["train"] * 4 + ["extract"]  # step, 3 end-to-end
     for r in failed:
         assert r["result"] == "failed: RuntimeError: boom"
         assert "Traceback" in r["traceback"] and "second line" in r["traceback"]

@@ -58,7 +58,8 @@ def test_foreach_ema_equals_its_formula_over_20_iterations():
 
 @pytest.mark.slow
 def test_20_iterations_with_the_augmentation_on_the_device_match_the_cpu_path(tmp_path):
-    """Equal within bf16 tolerance: the views differ by the resize's rounding only."""
+    """Equal within bf16 tolerance: the views differ by the resize's rounding only (``gpu``), or
+    not at all (``split``: colour on the device, the same arithmetic)."""
     from dinocli.train import resolve_config
     from dinocli.train.loop import pretrain
 
@@ -67,7 +68,7 @@ def test_20_iterations_with_the_augmentation_on_the_device_match_the_cpu_path(tm
     for i in range(8):
         make_rgb_image(48 + 4 * i, 40, seed=i).save(root / f"{i}.jpg", quality=92)
     losses = {}
-    for where in ("cpu", "gpu"):
+    for where in ("cpu", "split", "gpu"):
         cfg = resolve_config(overrides={
             "data": str(root), "output": str(tmp_path / where), "arch": "vit_tiny", "patch_size": 8,
             "out_dim": 32, "global_crop_size": 32, "local_crop_size": 16, "local_crops_number": 2,
@@ -77,6 +78,7 @@ def test_20_iterations_with_the_augmentation_on_the_device_match_the_cpu_path(tm
         losses[where] = [r["loss"] for r in pretrain(cfg).history]
     assert len(losses["cpu"]) == 5  # 5 epochs of 4 iterations
     assert losses["gpu"] == pytest.approx(losses["cpu"], rel=4e-3)  # 2^-8: bf16's rounding
+    assert losses["split"] == losses["cpu"]  # the same views: only where the colour runs differs
 
 
 def _trainer(tmp_path, name: str, **options):

@@ -155,6 +155,32 @@ def test_levels_are_the_same_floats_from_a_quarter_of_the_bytes(paths, aug):
     assert same([b.finish("cpu") for b in got], want)
 
 
+def test_split_items_are_uncoloured_crops_that_the_device_colours_into_the_same_floats(paths, aug):
+    """``colour_on_device=True`` (``--augment-on split``): workers send the cut, resized, flipped
+    views with their colour parameters; finishing them gives exactly the views a worker would
+    have coloured (here on the CPU, through worker processes)."""
+    from dinocli.data.multicrop_dataset import LevelBatch
+
+    floats = MultiCropDataset(paths, aug, seed=2)
+    split = MultiCropDataset(paths, aug, seed=2, levels=True, colour_on_device=True)
+    item = split[1]
+    assert item.colour is not None and len(item.colour) == len(item.views) == 4
+    generator = split.generator(1)
+    image = open_rgb(paths[1])
+    params = aug.sample(image.height, image.width, generator)
+    assert all(torch.equal(v, c) for v, c in zip(item.views, aug.crops(image, params)))  # not coloured yet
+    loader = DataLoader(split, batch_size=3, num_workers=2, collate_fn=collate_multicrop)
+    got = [b.crops for b in loader]
+    assert all(isinstance(b, LevelBatch) and b.colour["factors"].shape == (3, 4, 4) for b in got)
+    want = batches(DataLoader(floats, batch_size=3, collate_fn=collate_multicrop))
+    assert same([b.finish("cpu") for b in got], want)
+
+
+def test_split_needs_an_augmentation_with_colour_stages(paths):
+    with pytest.raises(UsageError, match="cannot run on the device"):
+        MultiCropDataset(paths, lambda image, generator: [image], colour_on_device=True)
+
+
 def test_levels_only_for_augmentations_that_can_stop_before_normalising(paths, aug):
     class FloatsOnly:  # a plugin with a crop plan whose colour stage always normalises
         specs = aug.specs

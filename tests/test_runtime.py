@@ -41,7 +41,9 @@ def test_cores_are_the_affinity_mask_shared_by_the_processes_of_this_machine(cor
     [
         (16, CUDA, "cpu", 15),  # the workers augment for a GPU: every core but one
         (64, CUDA, "cpu", 63),
+        (16, CUDA, "split", 15),  # they decode and crop for a GPU
         (16, CUDA, "gpu", 10),  # the workers only read bytes
+        (16, CPU, "split", 10),
         (16, CPU, "cpu", 10),  # on a CPU device they take cores from the model
         (4, CPU, "cpu", 3),
         (2, CUDA, "cpu", 1),

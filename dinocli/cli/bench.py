@@ -29,7 +29,10 @@ def bench_command(
     ] = -1,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per training step.")] = 64,
     augment_on: Annotated[
-        str, typer.Option("--augment-on", help="cpu, or gpu: decoding and augmentation timed in the step.")
+        str,
+        typer.Option(
+            "--augment-on", help="cpu; split: colour timed in the step; gpu: decoding and augmentation timed in the step."
+        ),
     ] = "cpu",
     images: Annotated[int, typer.Option("--images", help="Images decoded/augmented per measurement.")] = 200,
     steps: Annotated[int, typer.Option("--steps", help="Timed training steps (after one warm-up).")] = 5,

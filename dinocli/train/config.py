@@ -112,11 +112,12 @@ class PretrainConfig:
     local_crop_size: int = _opt(96, "Local crop size in pixels (e.g. 16 for CIFAR).", AUG)
     augment_on: str = _opt(
         "cpu",
-        "Where the augmentation runs: cpu (data-loading workers) or gpu (decoding, crops, colour, "
-        "blur and solarisation batched on the training device; workers only read files). Built-in "
-        "`dino` augmentation only.",
+        "Where the augmentation runs: cpu (data-loading workers), split (workers decode, crop, resize "
+        "and flip; colour, blur and solarisation batched on the training device: a quarter to a third "
+        "of the workers' work) or gpu (all of it on the training device; workers only read files). split "
+        "and gpu: built-in `dino` augmentation only.",
         AUG,
-        choices=("cpu", "gpu"),
+        choices=("cpu", "split", "gpu"),
     )
     collapse: str = _opt(
         "centering",
@@ -129,7 +130,8 @@ class PretrainConfig:
     num_workers: int = _opt(
         -1,
         "Data-loading processes; -1: every core but one when they augment for a GPU (--augment-on "
-        "cpu), else min(10, cores - 1); at least 1. Cores: this process's share of its CPU affinity.",
+        "cpu or split), else min(10, cores - 1); at least 1. Cores: this process's share of its CPU "
+        "affinity.",
         RUN,
     )
     precision: str = _opt(

@@ -232,15 +232,15 @@ class Trainer:
 
     def make_dataset(self, seed: int | None = None) -> MultiCropDataset:
         """The training images as this run augments them: on the device (``--augment-on gpu``:
-        decoded, cropped and coloured in :meth:`step`), or in the workers, which for a GPU send
-        uint8 levels that :meth:`step` normalises there (a quarter of the bytes of float views)."""
+        decoded, cropped and coloured in :meth:`step`), split (``split``: cut, resized and flipped
+        in the workers, coloured in :meth:`step`), or in the workers, which for a GPU send uint8
+        levels that :meth:`step` normalises there (a quarter of the bytes of float views)."""
         from dinocli.data.multicrop_dataset import MultiCropDataset
 
-        on_device = self.cfg.augment_on == "gpu"
         return MultiCropDataset(
             self.paths, self.augmentation, seed=self.cfg.seed if seed is None else seed,
-            on_bad_image=self.cfg.on_bad_image, on_device=on_device,
-            levels=not on_device and self.device.type == "cuda",
+            on_bad_image=self.cfg.on_bad_image, on_device=self.cfg.augment_on == "gpu",
+            colour_on_device=self.cfg.augment_on == "split", levels=self.device.type == "cuda",
         )  # fmt: skip
 
     def _loader(self) -> DataLoader:
@@ -435,7 +435,7 @@ class Trainer:
         """
         cfg = self.cfg
         fmt = torch.channels_last if self.channels_last else torch.preserve_format
-        if hasattr(views, "finish"):  # encoded images (--augment-on gpu) or uint8 levels: on the device
+        if hasattr(views, "finish"):  # encoded images (--augment-on gpu) or uint8 levels (split, cpu): on the device
             views = views.finish(self.device)
         views = [v.to(self.device, non_blocking=True, memory_format=fmt) for v in views]
         noise = global_batch_noise(
