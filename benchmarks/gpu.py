@@ -360,17 +360,20 @@ def bench_end_to_end(s: Settings, device: torch.device, files: Path, augment_on:
             "workers": s.workers, "data_wait_share": e.data_wait_share, "losses": e.losses}
 
 
-def bench_device_augment(s: Settings, device: torch.device, files: Path, repeats: int = 5) -> dict[str, Any]:
-    """Milliseconds per batch of ``--augment-on gpu``'s work in the training process
-    (``EncodedBatch.finish``: decode, crops, colour of every view): the host's time to queue it,
-    which the training step's own kernels wait behind, and the time until the device is done."""
+def bench_device_augment(s: Settings, device: torch.device, files: Path, augment_on: str = "gpu",
+                         repeats: int = 5) -> dict[str, Any]:
+    """Milliseconds per batch of the augmentation work ``--augment-on gpu`` or ``split`` leaves to
+    the training process (``EncodedBatch.finish``: decode, crops, colour of every view;
+    ``LevelBatch.finish``: colour): the host's time to queue it, which the training step's own
+    kernels wait behind, and the time until the device is done."""
     from dinocli.data.multicrop_dataset import MultiCropDataset, collate_multicrop
     from dinocli.registry import create_augmentation
     from dinocli.train.config import augmentation_kwargs
 
     cfg = _train_config(s, device, files, files, s.e2e_batch, "fp32", False)
     augmentation = create_augmentation(cfg.augmentation, **augmentation_kwargs(cfg))
-    dataset = MultiCropDataset(sorted(files.iterdir()), augmentation, seed=0, on_device=True)
+    dataset = MultiCropDataset(sorted(files.iterdir()), augmentation, seed=0, on_device=augment_on == "gpu",
+                               colour_on_device=augment_on == "split")
     batch = collate_multicrop([dataset[i % len(dataset)] for i in range(s.e2e_batch)]).crops
     if device.type == "cuda":
         batch = batch.pin_memory()
@@ -562,10 +565,13 @@ def run(s: Settings, device: torch.device, peak: float | None = None,
 
             if budget_left(name) and (row := measure(name, compiled_against_eager)):
                 add(row)
-        name = f"--augment-on gpu work of the training process, b{s.e2e_batch} {crops} from {s.file_size[0]}x{s.file_size[1]} JPEGs"
-        if budget_left(name) and (a := measure(name, functools.partial(bench_device_augment, s, device, files))):
-            add({"what": name, **a,
-                 "result": f"host {a['host_ms']:.1f} ms per batch ({a['ops']} ops), done after {a['done_ms']:.1f} ms"})
+        for augment_on in ("gpu", "split"):
+            name = (f"--augment-on {augment_on} work of the training process, b{s.e2e_batch} {crops} from "
+                    f"{s.file_size[0]}x{s.file_size[1]} JPEGs")
+            if budget_left(name) and (a := measure(name, functools.partial(bench_device_augment, s, device, files,
+                                                                           augment_on))):
+                add({"what": name, **a, "result": f"host {a['host_ms']:.1f} ms per batch ({a['ops']} ops), "
+                                                  f"done after {a['done_ms']:.1f} ms"})
         end_to_end: dict[str, dict[str, Any]] = {}
         for augment_on in ("cpu", "split", "gpu"):
             name = (f"train end to end from {s.file_size[0]}x{s.file_size[1]} JPEGs, {crops} b{s.e2e_batch} {low},"

@@ -62,6 +62,8 @@ def test_quick_run_on_the_cpu_measures_every_row(tmp_path, capsys):
     assert 0 < profile["busy_ms_per_step"] and profile["kernels_per_step"] is None and profile["ops_per_step"] > 100
     assert profile["result"].startswith("CPU in ATen operations")
     host = next(r for r in rows if r["what"].startswith("--augment-on gpu work of the training process"))
+    split_host = next(r for r in rows if r["what"].startswith("--augment-on split work of the training process"))
+    assert 0 < split_host["ops"] < host["ops"]  # colour only, not decoding and cropping too
     assert 0 < host["host_ms"] <= host["done_ms"] and host["ops"] > 0 and host["batch"] == 4
 
 
