@@ -236,6 +236,9 @@ def run_bench(
                 raise UsageError(f"no image under {data} could be decoded")
             step = step_rate(trainer, batch.crops, steps)
             end_to_end = end_to_end_rate(trainer, dataset, workers, batch_size, steps)
+            split = None  # where the workers limit: their rate with the colour left to the device
+            if with_workers < step and augment_on == "cpu":
+                split = split_worker_rate(trainer, images)
         finally:
             trainer.close()
     recommended = recommend_workers(step, per_worker, cpus)
@@ -251,8 +254,21 @@ def run_bench(
             "arch": arch, "patch_size": patch_size, "device": str(dev), "precision": trainer.precision,
             "num_workers": workers, "batch_size": batch_size, "augment_on": augment_on,
             "images": len(paths), "cpus": cpus, "data_wait_share": round(end_to_end.data_wait_share, 3),
+            "split_images_per_s_per_worker": None if split is None else round(split, 1),
         },  # fmt: skip
     )
+
+
+def split_worker_rate(trainer, count: int) -> float | None:
+    """:func:`worker_rate` of the run's images with ``--augment-on split`` (the colour left to the
+    device); None for an augmentation that cannot split."""
+    from dinocli.data.multicrop_dataset import MultiCropDataset
+
+    try:
+        dataset = MultiCropDataset(trainer.paths, trainer.augmentation, colour_on_device=True)
+    except UsageError:
+        return None
+    return worker_rate(dataset, count)
 
 
 __all__ = ["JSON_KEYS", "BenchResult", "EndToEnd", "end_to_end_rate", "recommend_workers", "run_bench"]

@@ -80,6 +80,19 @@ def test_human_output_with_augmentation_on_the_device(cli, images, one_thread):
     assert re.search(r"waiting for data \d+ % of the time", result.stdout)
 
 
+def test_where_the_workers_limit_the_hint_gives_the_split_rate(cli, images, one_thread, monkeypatch):
+    import dinocli.bench
+
+    monkeypatch.setattr(dinocli.bench, "step_rate", lambda trainer, batch, steps: 1e6)  # a model no worker feeds
+    result = cli.invoke(app, ["bench", "--data", str(images), "--num-workers", "0", *TINY])
+    assert result.exit_code == 0, result.output
+    assert "bottleneck: data" in result.stdout
+    hint = re.search(r"try: --augment-on split .*: (\d+) images/s per worker, --num-workers (\d+) would", result.stdout)
+    assert hint and int(hint[1]) > 0 and int(hint[2]) == recommend_workers(1e6, float(hint[1]))
+    model_bound = cli.invoke(app, ["bench", "--data", str(images), "--num-workers", "0", "--augment-on", "split", *TINY])
+    assert model_bound.exit_code == 0 and "try:" not in model_bound.stdout  # already split
+
+
 class SleepyViews(torch.utils.data.Dataset):
     """Two 4x4 views per item, each item taking ``seconds`` to load."""
 

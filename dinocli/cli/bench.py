@@ -43,7 +43,7 @@ def bench_command(
 ) -> None:
     """Measure decode, augmentation (per worker and with N workers) and training-step rates on this
     machine; say whether data or model limits training and recommend --num-workers."""
-    from dinocli.bench import run_bench
+    from dinocli.bench import recommend_workers, run_bench
 
     result = run_bench(
         data, arch=arch, patch_size=patch_size, out_dim=out_dim, precision=precision, device=device,
@@ -73,3 +73,9 @@ def bench_command(
         f"recommended: --num-workers {result.recommended_num_workers} "
         f"(of {d['cpus']} CPUs; each worker gives {result.augment_images_per_s_per_worker:.0f} images/s)"
     )
+    if d["split_images_per_s_per_worker"]:
+        split = d["split_images_per_s_per_worker"]
+        typer.echo(
+            f"try: --augment-on split (colour on the training device): {split:.0f} images/s per worker, "
+            f"--num-workers {recommend_workers(result.step_images_per_s, split, d['cpus'])} would feed the model"
+        )
