@@ -337,12 +337,13 @@ def max_relative_difference(a: list[float], b: list[float]) -> float:
 
 
 def bench_end_to_end(s: Settings, device: torch.device, files: Path, augment_on: str, precision: str,
-                     workdir: Path) -> dict[str, Any]:
-    """Images/s from JPEG files to the end of ``Trainer.step`` (``dinocli.bench.end_to_end_rate``)."""
+                     workdir: Path, compiled: bool = False) -> dict[str, Any]:
+    """Images/s from JPEG files to the end of ``Trainer.step`` (``dinocli.bench.end_to_end_rate``;
+    with ``compiled``, its warm-up step compiles)."""
     from dinocli.bench import end_to_end_rate
 
-    cfg = _train_config(s, device, files, workdir / f"run-{augment_on}", s.e2e_batch, precision, False,
-                        augment_on, s.workers)
+    run = workdir / f"run-{augment_on}{'-compiled' if compiled else ''}"
+    cfg = _train_config(s, device, files, run, s.e2e_batch, precision, compiled, augment_on, s.workers)
     reset_memory(device)
     trainer = Trainer(cfg, ProcessGroup(), device, precision, display_rich=False)
     for group in trainer.optimizer.param_groups:
@@ -602,6 +603,12 @@ def run(s: Settings, device: torch.device, peak: float | None = None,
         if k := measure(name, functools.partial(bench_knn, s, device)):
             add({"what": name, **k,
                  "result": f"{k['seconds']:.2f} s ({k['backend']}), top-1 k=20 {k['top1_k20']:.1f}%"})
+        fastest = max(("split", "gpu"), key=lambda a: end_to_end[a]["images_per_s"] if a in end_to_end else 0.0)
+        name = (f"train end to end from {s.file_size[0]}x{s.file_size[1]} JPEGs, {crops} b{s.e2e_batch} {low},"
+                f" --augment-on {fastest} --compile, {s.workers} workers")
+        if True in s.compile_modes and fastest in end_to_end and budget_left(name) and (r := measure(
+                name, functools.partial(bench_end_to_end, s, device, files, fastest, low, workdir, True))):
+            add(train_row(name, r))  # last: the compilation may take the rest of the time
     if device.type == "cuda":
         add({"what": "peak GPU memory of the run", "result": f"{peak_memory_mb(device):.0f} MiB"})
     return rows
