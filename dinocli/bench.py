@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from dinocli.data import list_images, open_rgb
 from dinocli.errors import UsageError
-from dinocli.runtime import usable_cpus
+from dinocli.runtime import TimedIterator, usable_cpus
 
 #: The keys ``dino bench --json`` prints, in this order.
 JSON_KEYS = (
@@ -159,20 +159,16 @@ def end_to_end_rate(trainer, dataset, num_workers: int, batch_size: int, steps: 
     trainer.step(next(it).crops, temp, momentum, diagnose=False)
     trainer.settle()
     _sync(trainer.device)
-    start, n, losses, waited = time.perf_counter(), 0, [], 0.0
-    while True:
-        asked = time.perf_counter()
-        batch = next(it, None)
-        waited += time.perf_counter() - asked
-        if batch is None:
-            break
+    batches = TimedIterator(it)
+    start, n, losses = time.perf_counter(), 0, []
+    for batch in batches:
         if n_images(batch.crops):
             losses += trainer.step(batch.crops, temp, momentum, diagnose=False)[0]
             n += n_images(batch.crops)
     losses += trainer.settle()
     _sync(trainer.device)
     seconds = max(time.perf_counter() - start, 1e-9)
-    return EndToEnd(n / seconds, min(waited / seconds, 1.0), losses)
+    return EndToEnd(n / seconds, min(batches.take() / seconds, 1.0), losses)
 
 
 def n_images(crops) -> int:

@@ -1,15 +1,20 @@
-"""Device and precision choices shared by training and evaluation."""
+"""Device and precision choices shared by training and evaluation, and the data-loading workers
+that feed them."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import time
+from collections.abc import Iterable, Iterator
+from typing import Generic, TypeVar
 
 import torch
 
 from dinocli.errors import UsageError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+T = TypeVar("T")
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
@@ -60,6 +65,30 @@ def training_workers(device: torch.device, augment_on: str) -> int:
     """
     spare = max(1, usable_cpus() - 1)
     return spare if device.type == "cuda" and augment_on in ("cpu", "split") else min(10, spare)
+
+
+class TimedIterator(Generic[T]):
+    """The items of ``iterable``, adding up the seconds spent waiting for each to arrive: how long
+    the training process waited for its data-loading workers (:meth:`take`)."""
+
+    def __init__(self, iterable: Iterable[T]) -> None:
+        self._items: Iterator[T] = iter(iterable)
+        self.waited = 0.0
+
+    def __iter__(self) -> TimedIterator[T]:
+        return self
+
+    def __next__(self) -> T:
+        start = time.perf_counter()
+        try:
+            return next(self._items)
+        finally:
+            self.waited += time.perf_counter() - start
+
+    def take(self) -> float:
+        """The seconds waited since the last call (or the start)."""
+        waited, self.waited = self.waited, 0.0
+        return waited
 
 
 def cpu_has_fast_bf16() -> bool:

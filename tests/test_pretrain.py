@@ -66,6 +66,7 @@ def test_exact_resume_matches_uninterrupted_run(images, tmp_path):
     assert any(not torch.equal(first[k], b[k]) for k in b)
     records = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records if "summary" not in r] == [1, 2, 3, 4]
+    assert all(0 <= r["data_wait"] <= 1 for r in records if "summary" not in r)  # share waiting for data
 
 
 def test_checkpoint_contents_and_loading(images, tmp_path):

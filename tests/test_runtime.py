@@ -1,13 +1,15 @@
-"""How many data-loading workers a run uses when none is given (``--num-workers -1``)."""
+"""How many data-loading workers a run uses when none is given (``--num-workers -1``), and how
+long the training process waits for them."""
 
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
 
-from dinocli.runtime import training_workers, usable_cpus
+from dinocli.runtime import TimedIterator, training_workers, usable_cpus
 
 from conftest import make_rgb_image
 
@@ -77,3 +79,19 @@ def test_pretrain_loader_takes_the_default(cores, tmp_path):
         assert loader.num_workers == 3 == training_workers(CPU, cfg.augment_on)
     finally:
         trainer.close()
+
+
+def test_timed_iterator_adds_up_the_waits_for_its_items():
+    def slow(n: int, seconds: float):
+        for i in range(n):
+            time.sleep(seconds)
+            yield i
+
+    items = TimedIterator(slow(3, 0.05))
+    assert next(items) == 0 and 0.05 <= items.take() < 0.3
+    got = []
+    for i in items:
+        got.append(i)
+        time.sleep(0.1)  # work between items is not waiting: 0.2 s not counted
+    assert got == [1, 2] and 0.1 <= items.take() < 0.3
+    assert items.take() == 0.0

@@ -50,6 +50,9 @@ CHARTS: dict[str, tuple[str, str, list[tuple[str, str, str]]]] = {
     "center_norm": ("Center norm", "norm", [("center_norm", "center norm", "iteration")]),
     "koleo": ("KoLeo term (weighted)", "loss", [("koleo", "KoLeo", "iteration")]),
     "images_per_s": ("Throughput", "images/s", [("images_per_s", "images/s", "iteration")]),
+    "data_wait": (
+        "Time waiting for data-loading workers", "share of the time", [("data_wait", "waiting for data", "iteration")],
+    ),
 }
 
 

@@ -35,7 +35,7 @@ from dinocli.heads import DINOHead
 from dinocli.io import atomic_write_text
 from dinocli.loggers import open_loggers
 from dinocli.registry import create_augmentation, create_backbone
-from dinocli.runtime import autocast, resolve_precision, training_workers
+from dinocli.runtime import TimedIterator, autocast, resolve_precision, training_workers
 from dinocli.train.checkpoint import (
     BACKBONE_SPEC_KEY,
     LATEST,
@@ -372,7 +372,8 @@ class Trainer:
         total, count, skipped, stepped = 0.0, 0, 0, False
         tick, tick_images = time.perf_counter(), 0
         start = time.perf_counter()
-        for views, n_skipped in loader:
+        batches = TimedIterator(loader)  # how long each logged interval waited for the workers
+        for views, n_skipped in batches:
             skipped += n_skipped
             if not self._all_have_images(bool(views)):  # nothing to learn from on some process
                 self.iteration += 1
@@ -397,7 +398,8 @@ class Trainer:
                 record = {
                     "epoch": self.epoch, "iteration": self.iteration, "loss": losses[-1], "lr": lr,
                     "wd": wd, "momentum": momentum, "teacher_temp": temp,
-                    "images_per_s": tick_images / max(now - tick, 1e-9), **extra,
+                    "images_per_s": tick_images / max(now - tick, 1e-9),
+                    "data_wait": min(batches.take() / max(now - tick, 1e-9), 1.0), **extra,
                 }
                 tick, tick_images = now, 0
                 issued = self.detector.check(record)

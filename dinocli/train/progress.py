@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 SHOWN = (
-    "loss", "lr", "wd", "momentum", "teacher_temp", "images_per_s",
+    "loss", "lr", "wd", "momentum", "teacher_temp", "images_per_s", "data_wait",
     # collapse diagnostics (dinocli.train.diagnostics) and k-NN monitoring
     "teacher_entropy", "kl_teacher_student", "teacher_prototypes", "embedding_std", "knn_top1",
 )
