@@ -171,7 +171,7 @@ def test_split_items_are_uncoloured_crops_that_the_device_colours_into_the_same_
     assert all(torch.equal(v, c) for v, c in zip(item.views, aug.crops(image, params)))  # not coloured yet
     loader = DataLoader(split, batch_size=3, num_workers=2, collate_fn=collate_multicrop)
     got = [b.crops for b in loader]
-    assert all(isinstance(b, LevelBatch) and b.colour["factors"].shape == (3, 4, 4) for b in got)
+    assert all(isinstance(b, LevelBatch) and b.colour.factors.shape == (3, 4, 4) for b in got)
     want = batches(DataLoader(floats, batch_size=3, collate_fn=collate_multicrop))
     assert same([b.finish("cpu") for b in got], want)
 

@@ -261,8 +261,7 @@ class EncodedBatch:
         self.data = [item.data for item in items]
         self.paths = [item.path for item in items]
         self.boxes = torch.stack([item.boxes for item in items])  # [B, V, 5]
-        fields = ColourParams.__dataclass_fields__  # each [B, V, ...]: stacked here, in the worker
-        self.colour = {f: torch.stack([getattr(item.colour, f) for item in items]) for f in fields}
+        self.colour = ColourParams.stack([item.colour for item in items])  # [B, V, ...], in the worker
         self.sizes, self.mean, self.std = first.sizes, first.mean, first.std
         self.on_bad_image = first.on_bad_image
         self.n_dropped = 0  # images that could not be decoded on the device (skipped)
@@ -306,11 +305,7 @@ class EncodedBatch:
             out = resample(batch, rows.view(shape), cols.view(shape))
             for j, v in enumerate(views):
                 crops[v] = out[:, j]
-        rows = torch.tensor(keep)
-        colour = [
-            ColourParams(**{f: values[rows, v] for f, values in self.colour.items()}) for v in range(len(self.sizes))
-        ]
-        return colour_batch(crops, colour, self.mean, self.std, device)
+        return colour_batch(crops, self.colour.per_view(keep), self.mean, self.std, device)
 
 
 # --- evaluation: resize the shorter side, centre crop ------------------------------------------

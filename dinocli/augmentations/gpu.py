@@ -88,6 +88,19 @@ class ColourParams:
             *(torch.cat([getattr(p, f) for p in items]) for f in ColourParams.__dataclass_fields__)
         )
 
+    @staticmethod
+    def stack(items: Sequence[ColourParams]) -> ColourParams:
+        """The parameters of ``B`` images' ``V`` views each, every field ``[B, V, ...]`` (a batch)."""
+        return ColourParams(
+            *(torch.stack([getattr(p, f) for p in items]) for f in ColourParams.__dataclass_fields__)
+        )
+
+    def per_view(self, images: Sequence[int] | None = None) -> list[ColourParams]:
+        """Of :meth:`stack`ed parameters: each view's parameters over ``images`` (rows; default all)."""
+        rows = slice(None) if images is None else torch.tensor(images)
+        fields = ColourParams.__dataclass_fields__
+        return [ColourParams(*(getattr(self, f)[rows, v] for f in fields)) for v in range(self.jitter.shape[1])]
+
 
 # --- single operations on [B, 3, H, W] float levels, factors [B] ---------------------------------
 #

@@ -84,10 +84,9 @@ class LevelBatch:
     def __init__(self, items: Sequence[LevelViews]) -> None:
         self.views = [torch.stack(views) for views in zip(*(item.views for item in items))]
         self.mean, self.std = items[0].mean, items[0].std
-        self.colour: dict[str, torch.Tensor] | None = None  # each [B, V, ...], stacked in the worker
+        self.colour = None  # [B, V, ...], stacked in the worker (--augment-on split)
         if items[0].colour is not None:
-            fields = ColourParams.__dataclass_fields__
-            self.colour = {f: torch.stack([getattr(item.colour, f) for item in items]) for f in fields}
+            self.colour = ColourParams.stack([item.colour for item in items])
 
     def __len__(self) -> int:
         return int(self.views[0].shape[0])
@@ -101,9 +100,7 @@ class LevelBatch:
         """The (coloured and) normalised float32 views on ``device``."""
         if self.colour is None:
             return [normalize(v.to(device, non_blocking=True), self.mean, self.std) for v in self.views]
-        colour = [ColourParams(**{f: values[:, v] for f, values in self.colour.items()})
-                  for v in range(len(self.views))]
-        return colour_batch(self.views, colour, self.mean, self.std, torch.device(device))
+        return colour_batch(self.views, self.colour.per_view(), self.mean, self.std, torch.device(device))
 
 
 class MultiCropBatch(NamedTuple):
