@@ -238,7 +238,7 @@ def bench_training(s: Settings, device: torch.device, batch: int, precision: str
         try:
             profile = step_profile(step, device, step_ms=1000 * seconds / s.steps)
         except Exception as error:  # noqa: BLE001 -- a diagnosis: the rate stands without it
-            profile = {"failed": f"{type(error).__name__}: {error}"[:300]}
+            profile = {"failed": one_line(error)}
         trainer.settle()
     finally:
         trainer.close()
@@ -248,6 +248,12 @@ def bench_training(s: Settings, device: torch.device, batch: int, precision: str
     return {"images_per_s": batch * s.steps / seconds, "peak_memory_mb": memory,
             "warmup_s": warmup_s, "loss": losses[-1], "losses": losses, "flops_per_image": flops,
             "host_syncs_per_step": syncs, "profile": profile}
+
+
+def one_line(error: BaseException) -> str:
+    """``Type: first line of the message``, at most 300 characters: an error in a table cell."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def host_syncs(device: torch.device, fn: Callable[[], Any]) -> int | None:
@@ -516,9 +522,7 @@ def run(s: Settings, device: torch.device, peak: float | None = None,
         except torch.cuda.OutOfMemoryError:
             add({"what": name, "result": "out of memory"})
         except Exception as error:  # noqa: BLE001 -- recorded, and the other measurements still run
-            message = str(error).strip().splitlines()
-            add({"what": name, "result": f"failed: {type(error).__name__}: {message[0] if message else ''}"[:300],
-                 "traceback": traceback.format_exc()})
+            add({"what": name, "result": f"failed: {one_line(error)}", "traceback": traceback.format_exc()})
         reset_memory(device)
         return None
 
