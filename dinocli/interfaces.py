@@ -68,5 +68,9 @@ class CollapseStrategy(nn.Module):
         """Update state (e.g. a center) after the iteration's loss was computed."""
 
     def metrics(self) -> dict[str, float]:
-        """Figures logged with each iteration (e.g. the center norm)."""
+        """Figures logged with each logged iteration (e.g. the center norm), called only then.
+
+        Read device values (``float()``, ``.item()``) here, not in the other methods: on a GPU,
+        each read makes the host wait for the device, every step.
+        """
         return {}

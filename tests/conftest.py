@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 from typer.testing import CliRunner
 
 from dinocli.registry import reset_registry
@@ -22,6 +23,30 @@ from dinocli.registry import reset_registry
 # slower. Subprocesses inherit the variable.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+
+
+class HostWaits(TorchDispatchMode):
+    """Records the operations that, on a GPU, make the host wait for the device: reading a value
+    (``float(t)``, ``.item()``, ``if t:``), a data-dependent size (``nonzero``, ``masked_select``,
+    a boolean index ``t[mask]`` and its backward) or a tensor made from a host value
+    (``torch.tensor(x, device=...)`` is a blocking copy). On the CPU they wait for nothing, so a
+    CPU test sees them only this way. ``ops``: their names, in order."""
+
+    _ALWAYS = {"aten::lift_fresh", "aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select"}
+    _WITH_A_MASK = {"aten::index", "aten::index_put", "aten::index_put_"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        masks = name in self._WITH_A_MASK and any(
+            getattr(i, "dtype", None) in (torch.bool, torch.uint8) for i in args[1] if i is not None
+        )
+        if name in self._ALWAYS or masks:
+            self.ops.append(name + (" with a boolean mask" if masks else ""))
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import dinocli
 from dinocli.registry import get_registry
 from dinocli.weights import torch_load
 
-from conftest import make_rgb_image
+from conftest import HostWaits, make_rgb_image
 
 SKIP_BACKBONES = {"resnet101", "resnet152"}  # larger than resnet50: slow, and nothing new to learn
 
@@ -202,6 +202,22 @@ def test_strategy_targets_and_regularizer(name):
     metrics = strategy.metrics()
     assert isinstance(metrics, dict)
     assert all(isinstance(k, str) and math.isfinite(float(v)) for k, v in metrics.items())
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_strategy_reads_device_values_only_in_metrics(name):
+    """targets, regularizer (and its backward) and update run every step: a value read there
+    (``float``, ``.item()``, a boolean index) makes the host wait for the GPU each time."""
+    strategy = dinocli.create_collapse_strategy(name, **STRATEGY_KWARGS)
+    teacher, student = logits(N_GLOBAL * BATCH, seed=1), logits(N_CROPS * BATCH, seed=2).requires_grad_(True)
+    with HostWaits() as waits:
+        if strategy.provides_targets:
+            strategy.targets(teacher, 0.04)
+        reg = strategy.regularizer(embeddings(), student)
+        if reg is not None and reg.requires_grad:
+            reg.backward()
+        strategy.update(teacher)
+    assert waits.ops == [], f"{name} waits for the device outside metrics(): {waits.ops}"
 
 
 @pytest.mark.parametrize("name", STRATEGIES)

@@ -48,7 +48,7 @@ class MeMax(CollapseStrategy):
         self.out_dim = out_dim
         self.student_temp = student_temp
         self.weight = weight
-        self._last_entropy = math.nan
+        self._last_entropy: torch.Tensor | None = None  # read by metrics(), at logged iterations only
 
     def mean_probabilities(self, student_logits: torch.Tensor) -> torch.Tensor:
         """``mean_i softmax(z_i / student_temp)`` over the batch and all processes, ``[out_dim]``."""
@@ -60,12 +60,12 @@ class MeMax(CollapseStrategy):
 
     def regularizer(self, student_embeddings: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
         entropy = torch.special.entr(self.mean_probabilities(student_logits)).sum()
-        self._last_entropy = float(entropy.detach())
+        self._last_entropy = entropy.detach()  # float() here would make the host wait for the GPU
         return self.weight * (math.log(self.out_dim) - entropy)
 
     def metrics(self) -> dict[str, float]:
         """The entropy of the last mean probabilities (none before the first call)."""
-        return {} if math.isnan(self._last_entropy) else {"mean_entropy": self._last_entropy}
+        return {} if self._last_entropy is None else {"mean_entropy": float(self._last_entropy)}
 
 
 def build_me_max(
