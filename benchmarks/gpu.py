@@ -11,6 +11,9 @@ Everything the issue asks for, in one run (about 4-6 minutes on one H100/H200; n
   with the augmentation in the workers (``--augment-on cpu``), split (``split``: workers decode,
   crop and resize; colour, blur and solarisation on the GPU) and on the device (``--augment-on
   gpu``: workers read bytes; nvJPEG decode, crops, colour, blur on the GPU);
+- the stochastic-depth residual ``x + drop_path(branch)`` of one block, fused
+  (:func:`dinocli.backbones.vit.add_dropped_path`) against the three operations it replaces,
+  forward and backward, on the activations of the global crops;
 - extract: backbone forward on tensors, and ``extract_features`` from the JPEG files with the
   decoding, resize and crop on the GPU (the default on CUDA) and in the workers (PIL);
 - k-NN: ``knn_classify`` on 50k x 10k synthetic features.
@@ -50,6 +53,7 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dinocli import create_backbone
+from dinocli.backbones.vit import VIT_ARCHS, add_dropped_path, drop_path
 from dinocli.distributed import ProcessGroup
 from dinocli.evaluate.extract import embed, extract_features
 from dinocli.evaluate.knn import knn_classify
@@ -248,6 +252,32 @@ def bench_training(s: Settings, device: torch.device, batch: int, precision: str
     return {"images_per_s": batch * s.steps / seconds, "peak_memory_mb": memory,
             "warmup_s": warmup_s, "loss": losses[-1], "losses": losses, "flops_per_image": flops,
             "host_syncs_per_step": syncs, "profile": profile}
+
+
+def bench_residual(s: Settings, device: torch.device, precision: str, batch: int, rounds: int = 5,
+                   iters: int = 10) -> dict[str, Any]:
+    """One block's stochastic-depth residual on the global crops' tokens, forward and backward:
+    ``add_dropped_path`` against ``x + drop_path(branch)``, the same inputs, alternating rounds
+    (the best round of each)."""
+    shape = (2 * batch, 1 + (s.global_size // s.patch_size) ** 2, VIT_ARCHS[s.arch][0])
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    x, branch, grad = (torch.randn(shape, generator=g, device=device).to(dtype) for _ in range(3))
+    x.requires_grad_(True)
+    branch.requires_grad_(True)
+    steps = {"fused": lambda: add_dropped_path(x, branch, 0.1, True),
+             "three ops": lambda: x + drop_path(branch, 0.1, True)}
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(rounds):
+        for name, forward in steps.items():
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(iters):
+                torch.autograd.grad(forward(), (x, branch), grad)
+            synchronize(device)
+            best[name] = min(best[name], (time.perf_counter() - start) / iters * 1e3)
+    return {"shape": list(shape), "dtype": precision, "fused_ms": best["fused"],
+            "three_ops_ms": best["three ops"], "speedup": best["three ops"] / best["fused"]}
 
 
 def one_line(error: BaseException) -> str:
@@ -559,6 +589,10 @@ def run(s: Settings, device: torch.device, peak: float | None = None,
                         add(train_row(name, r))
                         add({"what": f"where the time of that step goes{' (compiled)' if compiled else ''}",
                              **r["profile"], "result": profile_result(r["profile"])})
+        name = f"stochastic-depth residual of one block, b{s.batches[0]} global crops {low}, forward + backward"
+        if r := measure(name, functools.partial(bench_residual, s, device, low, s.batches[0])):
+            add({"what": name, **r, "result": f"fused {r['fused_ms']:.2f} ms, three ops {r['three_ops_ms']:.2f} ms: "
+                                              f"{r['speedup']:.2f}x"})
         if True in s.compile_modes:
             iters = s.warmup_steps + s.steps
             name = f"losses of {iters} iterations, compile vs eager (b{s.check_batch} {low}, no stochastic depth)"

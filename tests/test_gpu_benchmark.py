@@ -61,6 +61,8 @@ def test_quick_run_on_the_cpu_measures_every_row(tmp_path, capsys):
     assert sum(profile["kinds"].values()) == pytest.approx(1.0) and profile["kinds"]["matrix products"] > 0.1
     assert 0 < profile["busy_ms_per_step"] and profile["kernels_per_step"] is None and profile["ops_per_step"] > 100
     assert profile["result"].startswith("CPU in ATen operations")
+    residual = next(r for r in rows if r["what"].startswith("stochastic-depth residual"))
+    assert residual["shape"] == [8, 5, 192] and residual["fused_ms"] > 0 and residual["three_ops_ms"] > 0
     host = next(r for r in rows if r["what"].startswith("--augment-on gpu work of the training process"))
     split_host = next(r for r in rows if r["what"].startswith("--augment-on split work of the training process"))
     assert 0 < split_host["ops"] < host["ops"]  # colour only, not decoding and cropping too

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import dinocli
-from dinocli.backbones.vit import VIT_ARCHS, attend, drop_path
+from dinocli.backbones.vit import VIT_ARCHS, add_dropped_path, attend, drop_path
 
 ARCH = "vit_tiny"
 HEADS = VIT_ARCHS[ARCH][2]
@@ -252,6 +252,37 @@ def test_drop_path_drops_whole_samples_and_rescales():
     torch.testing.assert_close(per_sample[kept], torch.full_like(per_sample[kept], 1 / 0.75))
     assert abs(kept.float().mean().item() - 0.75) < 0.03
     assert torch.equal(drop_path(x, 0.25, training=False), x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_residual_is_x_plus_drop_path_of_the_branch_rounded_once(dtype):
+    """``add_dropped_path``: the same samples dropped as ``drop_path``; values against the float64
+    formula, rounded once (the separate bf16 operations round three times); gradients exactly
+    those of ``x + drop_path(branch)``."""
+    g = torch.Generator().manual_seed(0)
+    x, branch, grad = (torch.randn(64, 7, 24, generator=g).to(dtype) for _ in range(3))
+    outputs, grads = {}, {}
+    for name, fn in (("fused", add_dropped_path), ("plain", lambda a, b, p, t: a + drop_path(b, p, t))):
+        inputs = (x.clone().requires_grad_(True), branch.clone().requires_grad_(True))
+        torch.manual_seed(3)
+        outputs[name] = fn(*inputs, 0.25, True)
+        grads[name] = torch.autograd.grad(outputs[name], inputs, grad)
+    torch.manual_seed(3)
+    mask = (drop_path(torch.ones(64), 0.25, training=True) != 0).double().view(64, 1, 1)
+    assert 0 < mask.sum() < 64
+    expected = x.double() + branch.double() * mask / 0.75
+    out = outputs["fused"]
+    assert out.dtype == dtype
+    rtol = 2**-7 if dtype == torch.bfloat16 else 1e-6  # a unit in the last place: one rounding
+    torch.testing.assert_close(out.double(), expected, rtol=rtol, atol=1e-6)
+    for fused, plain in zip(grads["fused"], grads["plain"]):
+        assert fused.dtype == dtype and torch.equal(fused, plain)
+    torch.testing.assert_close(grads["fused"][1].double(), grad.double() * mask / 0.75, rtol=rtol, atol=1e-6)
+    error, plain_error = ((outputs[k].double() - expected).abs().mean() for k in ("fused", "plain"))
+    if dtype == torch.bfloat16:  # rounded once instead of three times: closer
+        assert error < 0.8 * plain_error
+    assert torch.equal(add_dropped_path(x, branch, 0.25, training=False), x + branch)
+    assert torch.equal(add_dropped_path(x, branch, 0.0, training=True), x + branch)
 
 
 @pytest.mark.parametrize("arch", list(VIT_ARCHS))

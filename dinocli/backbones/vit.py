@@ -43,6 +43,39 @@ def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor
     return x * mask / keep
 
 
+def add_dropped_path(x: torch.Tensor, branch: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """``x + drop_path(branch)`` (the same mask) in one pass over the activations instead of
+    three: ``x + branch * mask * (1 / keep)`` in the operation's float32 arithmetic, rounded once
+    where the separate bf16 operations round three times; gradients as :func:`drop_path`'s
+    (:class:`_AddDropped`). Compiled code, and ``x`` and ``branch`` of different dtypes or
+    shapes, take the plain expression (the compiler fuses it itself).
+    """
+    if drop_prob == 0.0 or not training:
+        return x + branch
+    if torch.compiler.is_compiling() or branch.shape != x.shape or branch.dtype != x.dtype:
+        return x + drop_path(branch, drop_prob, training)
+    keep = 1.0 - drop_prob
+    mask = keep_mask(x.shape[0], keep, x).view((x.shape[0],) + (1,) * (x.ndim - 1))
+    return _AddDropped.apply(x, branch, mask, keep)
+
+
+class _AddDropped(torch.autograd.Function):
+    """``x + branch * mask / keep``: one ``addcmul`` forward; backward ``grad`` for ``x`` and
+    ``grad * mask / keep`` for ``branch`` (what the separate operations give). ``mask``: 0 or 1
+    per sample, in the dtype of ``x`` (a mixed-dtype ``addcmul`` is several times slower on CPUs)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, branch: torch.Tensor, mask: torch.Tensor, keep: float) -> torch.Tensor:
+        ctx.save_for_backward(mask)
+        ctx.keep = keep
+        return torch.addcmul(x, branch, mask, value=1.0 / keep)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        (mask,) = ctx.saved_tensors
+        return grad, grad.mul(mask).div_(ctx.keep), None, None
+
+
 class DropPath(nn.Module):
     def __init__(self, drop_prob: float = 0.0) -> None:
         super().__init__()
@@ -50,6 +83,10 @@ class DropPath(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return drop_path(x, self.drop_prob, self.training)
+
+    def add(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        """``x + self(branch)``, fused (:func:`add_dropped_path`)."""
+        return add_dropped_path(x, branch, self.drop_prob, self.training)
 
 
 class Mlp(nn.Module):
@@ -114,6 +151,10 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():  # (a scripted copy takes the plain expression)
+            if isinstance(self.drop_path, DropPath):  # one fused multiply-add per residual
+                x = self.drop_path.add(x, self.attn(self.norm1(x)))
+                return self.drop_path.add(x, self.mlp(self.norm2(x)))
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
