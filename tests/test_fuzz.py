@@ -173,6 +173,7 @@ def augmentation():
     return create_augmentation("dino", global_crop_size=32, local_crop_size=16, local_crops_number=1)
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # a header may claim a large image
 @settings(FUZZ, max_examples=2 * EXAMPLES)
 @given(data=image_bytes, suffix=st.sampled_from([".png", ".jpg", ".webp", ".tif", ".bmp"]))
 def test_random_image_bytes_decode_or_raise_a_documented_error(tmp_path, augmentation, data, suffix):

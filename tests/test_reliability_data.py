@@ -5,6 +5,7 @@ during training are skipped, counted and reported, or stop the run in one line w
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,51 @@ def test_a_bomb_is_refused_before_its_pixels_are_allocated(tmp_path):
         assert img.size == (64, 64)  # ...of a format PIL reads: only the size is refused
     with pytest.raises(Image.DecompressionBombError, match="could be decompression bomb"):
         open_rgb(bomb)
+
+
+def test_the_device_decoder_treats_a_bomb_as_an_undecodable_image(tmp_path):
+    """Bytes that are not a JPEG reach the decoder's PIL fallback, which must refuse a bomb as it
+    refuses a broken file: ``None``, not an exception (the workers refuse bombs before sending)."""
+    from dinocli.augmentations.device import decode
+
+    bomb = torch.frombuffer(bytearray(bf.decompression_bomb(tmp_path / "bomb.png").read_bytes()), dtype=torch.uint8)
+    good = torch.frombuffer(bytearray(bf.jpeg_bytes()), dtype=torch.uint8)
+    decoded = decode([good, bomb], torch.device("cpu"))
+    assert decoded[0] is not None and decoded[0].dtype == torch.uint8 and decoded[0].shape[0] == 3
+    assert decoded[1] is None
+
+
+def test_large_images_decode_without_a_warning_on_every_data_path(tmp_path, monkeypatch):
+    """Between PIL's pixel limit and twice that, PIL decodes and warns once per file (from every
+    worker); every data set decodes such an image as it is, silently."""
+    from dinocli.augmentations.device import decode
+    from dinocli.data.multicrop_dataset import MultiCropDataset
+    from dinocli.evaluate.extract import _Encoded, _Images
+    from dinocli.registry import create_augmentation
+
+    path, png = tmp_path / "large.jpg", tmp_path / "large.png"  # a PNG: the device decoder's PIL fallback
+    bf.rgb().save(path)
+    bf.rgb().save(png)
+    with Image.open(path) as img:
+        pixels = img.width * img.height
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pixels * 2 // 3)  # "large" now, not a bomb
+    with pytest.warns(Image.DecompressionBombWarning):
+        open_rgb(path)  # PIL's own behaviour, as the data sets meet it
+    aug = create_augmentation("dino", global_crop_size=32, local_crop_size=16, local_crops_number=1)
+    to_tensor = lambda image: torch.from_numpy(np.array(image))  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # a warning fails the item
+        items = {
+            "multi-crop": MultiCropDataset([path], aug, on_bad_image="fail")[0],
+            "levels": MultiCropDataset([path], aug, on_bad_image="fail", levels=True)[0],
+            "on device": MultiCropDataset([path], aug, on_bad_image="fail", on_device=True)[0],
+            "extract": _Images([path], to_tensor)[0],
+            "extract on device": _Encoded([path], to_tensor)[0],
+            "device decoder's fallback": decode([torch.frombuffer(bytearray(png.read_bytes()), dtype=torch.uint8)],
+                                                torch.device("cpu"))[0],
+        }
+    for name, item in items.items():
+        assert item is not None and not isinstance(item, str), f"{name}: {item}"
 
 
 # -- odd but valid images --------------------------------------------------------------------------

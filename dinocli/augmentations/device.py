@@ -191,9 +191,12 @@ def _decode_one(data: torch.Tensor, where: str | torch.device) -> torch.Tensor |
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=where)
     except RuntimeError:
         pass
+    from dinocli.data.images import DECODE_ERRORS, quiet_large_images
+
     try:
-        return pixels(Image.open(io.BytesIO(data.numpy().tobytes())))
-    except (OSError, ValueError, SyntaxError, EOFError):
+        with quiet_large_images():
+            return pixels(Image.open(io.BytesIO(data.numpy().tobytes())))
+    except DECODE_ERRORS:
         return None
 
 

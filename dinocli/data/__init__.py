@@ -7,12 +7,14 @@ here: ``from dinocli.data import find_images, list_images``.
 """
 
 from dinocli.data.images import (
+    DECODE_ERRORS,
     IMAGE_EXTENSIONS,
     find_images,
     image_file,
     image_folder,
     load_rgb,
     open_rgb,
+    quiet_large_images,
     read_image_bytes,
     resolve_data,
     to_rgb,
@@ -20,6 +22,7 @@ from dinocli.data.images import (
 from dinocli.data.shards import ShardMember, list_images, list_labelled_images, write_shards
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "ShardMember", "find_images", "image_file", "image_folder", "list_images",
-    "list_labelled_images", "load_rgb", "open_rgb", "read_image_bytes", "resolve_data", "to_rgb", "write_shards",
+    "DECODE_ERRORS", "IMAGE_EXTENSIONS", "ShardMember", "find_images", "image_file", "image_folder",
+    "list_images", "list_labelled_images", "load_rgb", "open_rgb", "quiet_large_images",
+    "read_image_bytes", "resolve_data", "to_rgb", "write_shards",
 ]

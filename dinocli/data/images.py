@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -12,6 +15,21 @@ from PIL import Image
 from dinocli.errors import UsageError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+
+#: What decoding a broken, truncated or hostile file raises: ``UnidentifiedImageError`` is an
+#: ``OSError``; ``DecompressionBombError`` an image of more than twice PIL's ``MAX_IMAGE_PIXELS``.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+@contextlib.contextmanager
+def quiet_large_images() -> Iterator[None]:
+    """Decode without PIL's ``DecompressionBombWarning``, which it gives for every image between its
+    pixel limit and twice that (and decodes): one warning per large file of a data set, from every
+    worker. Past twice the limit PIL still raises ``DecompressionBombError`` (in :data:`DECODE_ERRORS`).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
 
 
 def resolve_data(data: str | Path) -> Path:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import inspect
 import io
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -40,15 +39,12 @@ from torch.utils.data import Dataset
 
 from dinocli.augmentations.device import EncodedBatch, EncodedViews, read_for_device, view_boxes
 from dinocli.augmentations.gpu import ColourParams, colour_batch, normalize
-from dinocli.data.images import image_file, load_rgb, open_rgb, read_image_bytes
+from dinocli.data.images import DECODE_ERRORS, image_file, load_rgb, open_rgb, quiet_large_images, read_image_bytes
 from dinocli.data.shards import ShardMember, as_image
 from dinocli.errors import DinoError, UsageError
 from dinocli.interfaces import Augmentation
 
 OnBadImage = Literal["skip", "fail"]
-
-# What decoding a broken, truncated or hostile file raises (UnidentifiedImageError is an OSError).
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 class BadImageError(DinoError):
@@ -177,8 +173,7 @@ class MultiCropDataset(Dataset):
         generator = self.generator(index)
         aug = self.augmentation
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with quiet_large_images():
                 if not self.plans:
                     image = open_rgb(path)
                 elif self.on_device:  # the device decodes, crops and colours
@@ -197,7 +192,7 @@ class MultiCropDataset(Dataset):
                         width = opened.width
                         params = aug.plan(opened.size, generator)  # parameters first: the size is enough
                         image = load_rgb(opened, aug.draft_factor(params))
-        except _DECODE_ERRORS as exc:
+        except DECODE_ERRORS as exc:
             if self.on_bad_image == "fail":
                 raise BadImageError(f"cannot decode image {path}: {exc}") from exc
             return None

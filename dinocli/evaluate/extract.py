@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from dinocli.data import ShardMember, list_labelled_images, open_rgb, read_image_bytes
+from dinocli.data import ShardMember, list_labelled_images, open_rgb, quiet_large_images, read_image_bytes
 from dinocli.data.shards import as_image
 from dinocli.errors import DinoError, UsageError
 from dinocli.evaluate.features_io import Features
@@ -125,7 +125,8 @@ class _Images(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor | str:
         try:
-            return self.transform(open_rgb(self.paths[i]))
+            with quiet_large_images():
+                return self.transform(open_rgb(self.paths[i]))
         except Exception as exc:  # noqa: BLE001 - reported by the main process as one line
             return f"cannot read image {self.paths[i]}: {exc}"
 
@@ -140,7 +141,7 @@ class _Encoded(_Images):
 
         try:
             data = read_image_bytes(self.paths[i])
-            with Image.open(io.BytesIO(data)) as opened:
+            with quiet_large_images(), Image.open(io.BytesIO(data)) as opened:
                 return read_for_device(data, opened)
         except Exception as exc:  # noqa: BLE001 - reported by the main process as one line
             return f"cannot read image {self.paths[i]}: {exc}"
