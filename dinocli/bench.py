@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from dinocli.data import list_images, open_rgb
+from dinocli.data import DECODE_ERRORS, list_images, open_rgb, quiet_large_images
 from dinocli.errors import UsageError
 from dinocli.runtime import TimedIterator, usable_cpus
 
@@ -67,15 +67,28 @@ def recommend_workers(step_rate: float, per_worker: float, cpus: int | None = No
     return max(1, min(cpus, math.ceil(MARGIN * step_rate / per_worker)))
 
 
-def decode_rate(paths: list[Path], limit_s: float = 5.0) -> float:
-    """Images/s of decoding to RGB in this process (stops after ``limit_s`` seconds)."""
-    start, n = time.perf_counter(), 0
-    for path in paths:
-        open_rgb(path)
-        n += 1
-        if time.perf_counter() - start > limit_s:
-            break
-    return n / (time.perf_counter() - start)
+@dataclass
+class DecodeRate:
+    """What :func:`decode_rate` measured."""
+
+    images_per_s: float  # of the files that decode
+    undecodable: list[str]  # the files that do not (training skips them)
+
+
+def decode_rate(paths: list[Path], limit_s: float = 5.0) -> DecodeRate:
+    """Images/s of decoding to RGB in this process (stops after ``limit_s`` seconds); files that
+    cannot be decoded are counted apart, as training skips them."""
+    start, n, undecodable = time.perf_counter(), 0, []
+    with quiet_large_images():
+        for path in paths:
+            try:
+                open_rgb(path)
+                n += 1
+            except DECODE_ERRORS:
+                undecodable.append(str(path))
+            if time.perf_counter() - start > limit_s:
+                break
+    return DecodeRate(n / (time.perf_counter() - start), undecodable)
 
 
 def worker_rate(dataset, count: int, limit_s: float = 10.0) -> float:
@@ -239,7 +252,7 @@ def run_bench(
             trainer.close()
     recommended = recommend_workers(step, per_worker, cpus)
     return BenchResult(
-        decode_images_per_s=round(decode, 1),
+        decode_images_per_s=round(decode.images_per_s, 1),
         augment_images_per_s_per_worker=round(per_worker, 1),
         augment_images_per_s=round(with_workers, 1),
         step_images_per_s=round(step, 1),
@@ -251,6 +264,7 @@ def run_bench(
             "num_workers": workers, "batch_size": batch_size, "augment_on": augment_on,
             "images": len(paths), "cpus": cpus, "data_wait_share": round(end_to_end.data_wait_share, 3),
             "split_images_per_s_per_worker": None if split is None else round(split, 1),
+            "undecodable": decode.undecodable,
         },  # fmt: skip
     )
 
@@ -267,4 +281,4 @@ def split_worker_rate(trainer, count: int) -> float | None:
     return worker_rate(dataset, count)
 
 
-__all__ = ["JSON_KEYS", "BenchResult", "EndToEnd", "end_to_end_rate", "recommend_workers", "run_bench"]
+__all__ = ["JSON_KEYS", "BenchResult", "DecodeRate", "EndToEnd", "end_to_end_rate", "recommend_workers", "run_bench"]

@@ -140,6 +140,15 @@ def test_missing_folder_is_one_line_and_exit_2(cli, tmp_path):
     assert result.stderr.strip().splitlines() == [f"error: data folder not found: {tmp_path / 'nope'}"]
 
 
+def test_an_undecodable_file_is_named_and_left_out_as_training_leaves_it_out(cli, images, one_thread):
+    bad = images / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not a JPEG after all")
+    result = cli.invoke(app, ["bench", "--data", str(images), "--num-workers", "0", *TINY, "--images", "9"])
+    assert result.exit_code == 0, result.output
+    assert f"1 of the files timed cannot be decoded (training skips them), e.g. {bad}" in result.stdout
+    assert re.search(r"decode\s+\d+\.\d images/s", result.stdout)
+
+
 def test_bad_augment_on_is_a_usage_error(cli, images):
     result = cli.invoke(app, ["bench", "--data", str(images), "--augment-on", "tpu", *TINY])
     assert result.exit_code == 2

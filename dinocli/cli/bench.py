@@ -60,6 +60,8 @@ def bench_command(
         f"batch {d['batch_size']}, augmentation on {d['augment_on']}"
     )
     typer.echo(f"  decode                     {result.decode_images_per_s:9.1f} images/s (1 process)")
+    if bad := d["undecodable"]:
+        typer.echo(f"  {len(bad)} of the files timed cannot be decoded (training skips them), e.g. {bad[0]}")
     typer.echo(f"  decode + augment           {result.augment_images_per_s_per_worker:9.1f} images/s per worker")
     typer.echo(f"  with {d['num_workers']:2d} workers            {result.augment_images_per_s:9.1f} images/s")
     typer.echo(f"  training step              {result.step_images_per_s:9.1f} images/s")
