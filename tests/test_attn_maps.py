@@ -403,6 +403,22 @@ def test_cli_bad_inputs_are_one_line_errors(cli, weights, tmp_path):
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_broken_image_in_a_folder_is_one_line_before_any_page_is_written(cli, weights, tmp_path, rgb_image):
+    path, _ = weights
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("a.png", "b.png", "c.png", "d.png", "e.png"):  # more than one batch before it
+        rgb_image.save(folder / name)
+    (folder / "z_broken.png").write_bytes(b"not a png")
+    out = tmp_path / "o"
+    result = cli.invoke(app, ["attn-maps", "-w", str(path), str(folder), "-o", str(out), "--batch-size", "2"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        f"error: cannot read image {folder / 'z_broken.png'}: cannot identify image file '{folder / 'z_broken.png'}'"
+    ]
+    assert not out.exists()
+
+
 def test_backbone_without_attention_is_refused_by_name(cli, tmp_path, rgb_image):
     torch.save(dinocli.create_backbone("resnet18").state_dict(), tmp_path / "resnet.pth")
     rgb_image.save(tmp_path / "one.png")

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from dinocli.data import open_rgb
+from dinocli.data import DECODE_ERRORS, open_rgb, quiet_large_images
 from dinocli.errors import UsageError
 from dinocli.io import atomic_write_bytes
 from dinocli.visualize.attention import (
@@ -164,6 +164,8 @@ def write_attention_pages(
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output {output} exists and is not a folder")
+    for source in images:  # every image decodes before a page is written: no half-written output
+        _open(source)
     names = unique_names([_source_name(s) for s in images])
     patch = int(model.patch_size)
     pages: list[ImagePage] = []
@@ -237,6 +239,7 @@ def _open(source: ImageSource) -> Image.Image:
     if not path.is_file():
         raise UsageError(f"image not found: {path}")
     try:
-        return open_rgb(path)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        with quiet_large_images():
+            return open_rgb(path)
+    except DECODE_ERRORS as exc:
         raise UsageError(f"cannot read image {path}: {exc}") from None
