@@ -323,6 +323,25 @@ def test_shards_command_writes_what_it_says(folder, tmp_path, cli):
     assert done.exit_code == 2 and "needs one number field" in done.output
 
 
+def test_rewriting_into_fewer_shards_names_the_ones_an_earlier_run_left(folder, tmp_path, cli):
+    from dinocli.cli import app
+
+    out = tmp_path / "shards"
+    args = ["shards", "--data", str(folder), "--output", str(out / "s-%03d.tar")]
+    first = cli.invoke(app, [*args, "--max-count", "2"])  # 9 images: 5 shards
+    assert first.exit_code == 0 and "warning" not in first.stderr, first.output
+    again = cli.invoke(app, [*args, "--max-count", "4"])  # 3 shards: 003 and 004 are left over
+    assert again.exit_code == 0, again.output
+    assert again.stderr.strip().splitlines() == [
+        f"warning: 2 older shard(s) of this pattern remain from an earlier run ({out / 's-003.tar'} ...); "
+        "--data on their folder would read them too: delete them"
+    ]
+    assert len(list_images(str(out))) == 9 + 3  # the hazard: the folder also reads 003 (2 images) and 004 (1)
+    (out / "s-003.tar").unlink()
+    (out / "s-004.tar").unlink()
+    assert [m.read_bytes() for m in list_images(str(out))] == [p.read_bytes() for p in find_images(folder)]
+
+
 def test_benchmark_compares_folder_and_shards(tmp_path):
     import json
     import subprocess

@@ -29,7 +29,13 @@ def shards_command(
     """Write the images under a folder to uncompressed tar shards, in the order training reads them:
     --data on the shards then trains and extracts exactly as on the folder (labels from the class
     folders, kept in the member names)."""
-    from dinocli.data.shards import brace_pattern, write_shards
+    from dinocli.data.shards import brace_pattern, leftover_shards, write_shards
 
     written = write_shards(data, output, max_count=max_count)
     typer.echo(f"wrote {len(written)} shard(s); read them with --data '{brace_pattern(output, len(written))}'")
+    if left := leftover_shards(output, len(written)):
+        typer.echo(
+            f"warning: {len(left)} older shard(s) of this pattern remain from an earlier run ({left[0]}"
+            f"{' ...' if len(left) > 1 else ''}); --data on their folder would read them too: delete them",
+            err=True,
+        )

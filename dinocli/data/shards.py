@@ -340,6 +340,16 @@ def write_shards(folder: str | Path, pattern: str, max_count: int = 10_000) -> l
     return written
 
 
+def leftover_shards(pattern: str, count: int) -> list[Path]:
+    """Shards named by ``pattern`` after the ``count`` just written (numbers ``count``, ``count + 1``,
+    ... while they exist): what an earlier, larger run left. A folder of shards as ``--data`` would
+    read them too."""
+    found: list[Path] = []
+    while (path := Path(pattern % (count + len(found)))).exists():
+        found.append(path)
+    return found
+
+
 def brace_pattern(pattern: str, count: int) -> str:
     """The brace pattern that names the ``count`` shards :func:`write_shards` wrote with ``pattern``:
     ``"s-%06d.tar"``, 3 -> ``"s-{000000..000002}.tar"``."""
@@ -374,6 +384,7 @@ __all__ = [
     "index_shard",
     "index_shards",
     "labels_of",
+    "leftover_shards",
     "list_images",
     "list_labelled_images",
     "shard_paths",
