@@ -281,4 +281,6 @@ def split_worker_rate(trainer, count: int) -> float | None:
     return worker_rate(dataset, count)
 
 
-__all__ = ["JSON_KEYS", "BenchResult", "DecodeRate", "EndToEnd", "end_to_end_rate", "recommend_workers", "run_bench"]
+__all__ = [
+    "JSON_KEYS", "BenchResult", "DecodeRate", "EndToEnd", "end_to_end_rate", "recommend_workers", "run_bench",
+]
