@@ -10,7 +10,44 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from dinocli.errors import DinoError
+from dinocli.errors import DinoError, UsageError
+
+
+def check_output_path(path: str | Path | None, option: str, folder: bool = False) -> None:
+    """Refuse, before any work is done, an output (given as ``option``) that cannot be written: a
+    folder where a file goes (a file where a ``folder`` goes), or a path under a file."""
+    if path is None:
+        return
+    path = Path(path)
+    if not folder and path.is_dir():
+        raise UsageError(f"{option} {path} is a folder; give a file name")
+    if folder and path.is_file():
+        raise UsageError(f"{option} {path} is a file; give a folder")
+    if blocker := _file_in_the_way(path.parent):
+        raise UsageError(f"{option} {path}: {blocker} is a file, not a folder")
+
+
+def make_folder(folder: str | Path) -> None:
+    """Create ``folder`` and its parents; a file in the way or a refused permission is one clear error."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DinoError(f"cannot make the folder {folder}: {_why(folder, exc)}") from exc
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The file standing where ``folder`` or one of its parents must be a folder, if any."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            return None if path.is_dir() else path
+    return None
+
+
+def _why(folder: Path, exc: OSError) -> str:
+    """Why ``folder`` cannot be made or written into."""
+    blocker = _file_in_the_way(folder)
+    return f"{blocker} is a file, not a folder" if blocker else exc.strerror or str(exc)
 
 
 @contextlib.contextmanager
@@ -25,7 +62,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     except OSError as exc:
-        raise DinoError(f"cannot write {target}: {exc.strerror or exc}") from exc
+        raise DinoError(f"cannot write {target}: {_why(target.parent, exc)}") from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -61,7 +98,7 @@ def atomic_folder(target: str | Path, replace: bool = False) -> Iterator[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     except OSError as exc:
-        raise DinoError(f"cannot write {target}: {exc.strerror or exc}") from exc
+        raise DinoError(f"cannot write {target}: {_why(target.parent, exc)}") from exc
     old = target.with_name(f"{tmp.name}.old")
     try:
         yield tmp

@@ -367,6 +367,17 @@ def test_cli_keep_aspect_any_size(cli, weights, tmp_path):
 
 
 @pytest.mark.parametrize(
+    "text, sizes",
+    [("480", [480]), ("480 640", [480, 640]), ("480x640", [480, 640]), (" 480 X 640 ", [480, 640]),
+     ("480,640", [480, 640]), ("480 , 640", [480, 640])],
+)
+def test_image_size_forms(text, sizes):
+    from dinocli.cli.attn_maps import parse_image_size
+
+    assert parse_image_size(text) == sizes
+
+
+@pytest.mark.parametrize(
     "extra,message",
     [
         (["--heads", "0,3"], "has 3 heads"),
@@ -375,6 +386,8 @@ def test_cli_keep_aspect_any_size(cli, weights, tmp_path):
         (["--colormap", "viridiss"], "Did you mean 'viridis'"),
         (["--upsample", "cubic"], "nearest, bilinear"),
         (["--image-size", "abc"], "--image-size"),
+        (["--image-size", "32x"], "--image-size '32x': give one number"),
+        (["--image-size", "32 48 64"], "--image-size '32 48 64': give one number"),
         (["--image-size", "32 48", "--keep-aspect"], "--keep-aspect"),
         (["--image-size", "4"], "smaller than one 8-pixel patch"),
     ],

@@ -216,6 +216,10 @@ def test_cli_reads_the_checkpoint_key_of_a_training_checkpoint(tmp_path: Path, c
         (["--patch-embed", "conv"], 2, "--patch-embed applies to --random-init (a weights file names its own)"),
         (["--no-weights", "--random-init", "--arch", "vit_tiny", "--patch-embed", "conv3"], 2,
          "unknown patch embedding 'conv3'; choose one of linear, conv"),
+        (["--no-weights", "--random-init", "--arch", "vit_tiny", "--patch-size", "0"], 2,
+         "--patch-size must be positive, got 0"),
+        (["--no-weights", "--random-init", "--arch", "vit_tiny", "--patch-size", "64"], 2,
+         "a 32x32 crop is smaller than one 64-pixel ViT patch"),
     ],
 )
 def test_cli_errors(tmp_path: Path, cli, args: list[str], code: int, message: str) -> None:

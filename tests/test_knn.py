@@ -290,6 +290,7 @@ def test_cli_ivf_reports_recall(tmp_path: Path, cli) -> None:
         ("missing", [], "features file not found"),
         ("weights", [], "is not a dinocli features file: it lacks the features and labels tensor"),
         ("classes", [], "different classes"),
+        ("ok", ["--json", "{folder}"], "is a folder; give a file name"),  # before the search, not after
     ],
 )
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path: Path, cli, setup: str, args: list[str], message: str) -> None:
@@ -313,6 +314,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path: Path, cli, setup: st
         save_features(val, feats)
     elif setup == "ok":
         write_features(val, 10, 16, 3, seed=17)
+    args = [arg.replace("{folder}", str(tmp_path)) for arg in args]
     result = cli.invoke(app, ["knn", "--train", str(train), "--val", str(val), *args])
     assert result.exit_code == 2, result.output
     assert message in result.stderr

@@ -141,6 +141,7 @@ def test_cli_input_forms_and_evaluate_errors(tmp_path: Path, cli) -> None:
         (["--evaluate", str(clf), "--val", str(tmp_path / "v4.safetensors")], "--n-last-blocks 1, these have 4"),
         (["--evaluate", str(tmp_path / "t.safetensors"), "--val", t], "not a dinocli linear classifier"),
         (["--train", t, "--val", t, "-o", str(tmp_path)], "is a folder"),
+        (["--train", t, "--val", t, "--json", str(tmp_path)], f"--json {tmp_path} is a folder; give a file name"),
         (["--mode", "reference", "--lr", "1", "--lr", "2", *TINY_VIT, "--train-data", str(empty), "--val-data",
           str(empty)], "trains one --lr"),  # before the images are listed
     ]

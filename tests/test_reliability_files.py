@@ -191,6 +191,58 @@ def test_bad_features_files_in_knn(tmp_path, capsys, kind, message):
     assert train.read_bytes() == before
 
 
+# -- output paths ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def outputs_setup(tmp_path: Path, images: Path) -> dict[str, Path]:
+    """What every writing command reads (images, weights, features), and a file where a folder must be."""
+    import dinocli
+
+    torch.manual_seed(0)
+    weights = tmp_path / "vit.safetensors"
+    save_file(dinocli.create_backbone("vit_tiny", patch_size=8, img_size=32).state_dict(), str(weights))
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder must be")
+    return {"images": images, "weights": weights, "features": features_file(tmp_path / "f.safetensors"),
+            "blocker": blocker, "folder": images / "cls", "file": images / "cls" / "0.png"}
+
+
+EXTRACT = ["--random-init", "--arch", "vit_tiny", "--patch-size", "8", "--resize", "32", "--crop-size", "32",
+           "--num-workers", "0", "--device", "cpu"]
+OUTPUT_CASES = [
+    (["extract", "-d", "{images}", *EXTRACT, "-o", "{blocker}/f.safetensors"], "--output {blocker}/f.safetensors: "),
+    (["extract", "-d", "{images}", *EXTRACT, "-o", "{folder}"], "--output {folder} is a folder; give a file name"),
+    (["knn", "--train", "{features}", "--val", "{features}", "--json", "{blocker}/k.json"], "--json {blocker}/k.json: "),
+    (["linear", "--train", "{features}", "--val", "{features}", "--json", "{blocker}/l.json"],
+     "--json {blocker}/l.json: "),
+    (["linear", "--train", "{features}", "--val", "{features}", "-o", "{blocker}/c.safetensors"],
+     "--output {blocker}/c.safetensors: "),
+    (["export", "-w", "{weights}", "-o", "{blocker}/w.safetensors"], "--output {blocker}/w.safetensors: "),
+    (["export", "-w", "{weights}", "-o", "{folder}", "--force"], "--output {folder} is a folder; give a file name"),
+    (["attn-maps", "{file}", "-w", "{weights}", "-o", "{blocker}/maps"], "--output {blocker}/maps: "),
+    (["attn-maps", "{file}", "-w", "{weights}", "-o", "{file}"], "--output {file} is a file; give a folder"),
+    (["pretrain", "--data", "{images}", *TRAIN, "--epochs", "1", "--output", "{blocker}/run"],
+     "--output {blocker}/run: "),
+    (["pretrain", "--data", "{images}", *TRAIN, "--epochs", "1", "--output", "{file}"],
+     "--output {file} is a file; give a folder"),
+    (["shards", "-d", "{images}", "-o", "{blocker}/s-%06d.tar"], "--output {blocker}/s-000000.tar: "),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), OUTPUT_CASES, ids=[f"{c[0][0]}-{i}" for i, c in enumerate(OUTPUT_CASES)])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, outputs_setup, capsys, args, message):
+    paths = {k: str(v) for k, v in outputs_setup.items()}
+    before = sorted(p for p in tmp_path.rglob("*"))
+    code, stdout, stderr = dino(capsys, *[a.format(**paths) for a in args])
+    line = bf.error_line(2, code, stderr, stdout)
+    assert message.format(**paths) in line, line
+    if message.endswith(": "):  # a path under a file: the message names that file
+        assert line.endswith(f"{outputs_setup['blocker']} is a file, not a folder"), line
+    assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing written, nothing left behind
+    assert outputs_setup["blocker"].read_text() == "a file where a folder must be"
+
+
 # -- configuration ----------------------------------------------------------------------------------
 
 

@@ -85,15 +85,23 @@ def test_report_output_option_and_run_without_diagnostics(tmp_path, cli):
         ("missing", "run folder not found"),
         ("no-metrics", "metrics.jsonl not found"),
         ("empty", "holds no metrics yet"),
+        ("output-file", "--output {tmp}/taken is a file; give a folder"),
+        ("output-under-file", "--output {tmp}/taken/report: {tmp}/taken is a file, not a folder"),
     ],
 )
 def test_report_errors_are_one_line_with_exit_code_2(tmp_path, cli, setup, message):
     run = tmp_path / "run"
-    if setup != "missing":
+    if setup in ("no-metrics", "empty"):
         run.mkdir()
     if setup == "empty":
         (run / "metrics.jsonl").write_text("\n")
-    result = cli.invoke(app, ["report", str(run)])
+    extra = []
+    if setup.startswith("output"):
+        write_run(run)
+        (tmp_path / "taken").write_text("not a folder")
+        extra = ["--output", str(tmp_path / ("taken" if setup == "output-file" else "taken/report"))]
+    message = message.format(tmp=tmp_path)
+    result = cli.invoke(app, ["report", str(run), *extra])
     assert result.exit_code == 2
     assert result.output.startswith("error: ") and message in result.output
     assert result.output.count("\n") == 1 and "Traceback" not in result.output

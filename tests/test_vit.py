@@ -334,6 +334,20 @@ def test_conv_patch_embed_needs_a_power_of_two_patch():
         dinocli.create_backbone(ARCH, patch_size=4, img_size=32, patch_embed="conv3")
 
 
+@pytest.mark.parametrize("patch_embed", ["linear", "conv"])
+def test_a_crop_smaller_than_one_patch_is_a_usage_error(patch_embed):
+    from dinocli.errors import UsageError
+
+    model = dinocli.create_backbone(ARCH, patch_size=16, img_size=32, patch_embed=patch_embed).eval()
+    with torch.no_grad():
+        assert model(image_batch(16, 40)).shape == (2, 192)  # one row of patches is enough
+        for h, w in [(15, 40), (40, 8)]:
+            with pytest.raises(UsageError, match=f"a {h}x{w} crop is smaller than one 16-pixel ViT patch"):
+                model(image_batch(h, w))
+    with pytest.raises(UsageError, match="--patch-size must be positive, got 0"):
+        dinocli.create_backbone(ARCH, patch_size=0)
+
+
 def test_avg_pool_returns_the_mean_normed_patch_token_with_the_same_keys():
     model = randomized_vit(8, img_size=32)
     avg = dinocli.create_backbone(ARCH, patch_size=8, img_size=32, pool="avg").eval()

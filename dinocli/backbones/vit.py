@@ -201,8 +201,13 @@ class PatchEmbed(nn.Module):
 
     def grid(self, x: torch.Tensor) -> torch.Tensor:
         """The token grid ``[B, embed_dim, H // patch, W // patch]``."""
+        h, w = x.shape[-2], x.shape[-1]
+        if h < self.patch_size or w < self.patch_size:
+            raise UsageError(
+                f"a {h}x{w} crop is smaller than one {self.patch_size}-pixel ViT patch: "
+                "use a larger crop size or a smaller --patch-size"
+            )
         if self.kind == "conv":  # drop the remainder, as the patch projection does
-            h, w = x.shape[-2], x.shape[-1]
             x = x[..., : h - h % self.patch_size, : w - w % self.patch_size]
         return self.proj(x)
 
@@ -354,6 +359,8 @@ def _factory(arch: str):
         depth: int | None = None,
         **_: Any,
     ) -> VisionTransformer:
+        if patch_size < 1:
+            raise UsageError(f"--patch-size must be positive, got {patch_size}")
         # The position embeddings are sized for the training crop, rounded to whole patches.
         img_size = max(patch_size, img_size - img_size % patch_size)
         if depth is not None and depth < 1:

@@ -109,10 +109,10 @@ def attn_maps_command(
 
 def parse_image_size(text: str) -> list[int]:
     """``"480"`` -> ``[480]``; ``"480 640"``, ``"480x640"`` or ``"480,640"`` -> ``[480, 640]``."""
-    parts = [p for p in re.split(r"[\sx,]+", text.strip().lower()) if p]
-    if not parts or not all(p.isdigit() for p in parts):
+    match = re.fullmatch(r"\s*(\d+)(?:(?:\s*[x,]\s*|\s+)(\d+))?\s*", text.lower())
+    if not match:
         raise UsageError(f"--image-size {text!r}: give one number (N x N) or two (H W), e.g. 480 or 480x640")
-    return [int(p) for p in parts]
+    return [int(p) for p in match.groups() if p is not None]
 
 
 def parse_heads(text: str) -> list[int]:

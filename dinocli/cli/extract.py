@@ -13,6 +13,7 @@ import typer
 from dinocli.cli.app import command
 from dinocli.cli.options import Arch, CheckpointKey, Device, PatchSize, Precision
 from dinocli.errors import UsageError
+from dinocli.io import check_output_path
 
 PANEL = "Evaluate"
 
@@ -173,8 +174,7 @@ def extract_command(
     dtypes = {"float32": torch.float32, "float16": torch.float16}
     if dtype not in dtypes:
         raise UsageError(f"--dtype must be float32 or float16, got {dtype!r}")
-    if output.exists() and output.is_dir():
-        raise UsageError(f"--output {output} is a folder; give a file name")
+    check_output_path(output, "--output")
     options = dict(
         resize=resize,
         crop_size=crop_size,

@@ -41,6 +41,7 @@ from dinocli.cli.extract import (
     load_model,
 )
 from dinocli.errors import UsageError
+from dinocli.io import check_output_path
 
 
 @command(
@@ -128,6 +129,7 @@ def knn_command(
     from dinocli.evaluate.features_io import load_features
     from dinocli.evaluate.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, IndexSpec, knn_features
 
+    check_output_path(json_out, "--json")
     form = input_form(train, val, train_data, val_data)
     if form == "files":
         train_feats, val_feats = load_features(train), load_features(val)

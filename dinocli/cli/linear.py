@@ -36,6 +36,7 @@ from dinocli.cli.extract import (
     progress_bar,
 )
 from dinocli.errors import UsageError
+from dinocli.io import check_output_path
 
 TRAIN = "Training"
 MODES = ("fast", "reference")
@@ -157,8 +158,8 @@ def linear_command(
     check_recipe(epochs, linear_batch_size, lr or [REFERENCE_LR], weight_decay or [0.0])
     if mode == "fast" and not 0 <= holdout < 1:
         raise UsageError(f"--holdout must be in [0, 1), got {holdout}")
-    if output is not None and output.is_dir():
-        raise UsageError(f"--output {output} is a folder; give a file name")
+    check_output_path(output, "--output")
+    check_output_path(json_out, "--json")
     classifier = load_classifier(evaluate) if evaluate is not None else None
     trained = (classifier.metadata.get("features", {}) if classifier else {})
     prep = trained.get("preprocessing", {})

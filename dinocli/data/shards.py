@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 from dinocli.data.images import IMAGE_EXTENSIONS, find_images, image_folder, resolve_data
 from dinocli.errors import UsageError
-from dinocli.io import atomic_path, atomic_write_text
+from dinocli.io import atomic_path, atomic_write_text, check_output_path
 
 #: Extensions (after the key) of a sample's image member, lower case.
 IMAGE_MEMBER_EXTENSIONS = frozenset(e.lstrip(".") for e in IMAGE_EXTENSIONS)
@@ -320,16 +320,16 @@ def write_shards(folder: str | Path, pattern: str, max_count: int = 10_000) -> l
     Returns the shards written; :func:`brace_pattern` names them all for ``--data``.
     """
     if max_count < 1:
-        raise UsageError(f"max_count must be at least 1, got {max_count}")
+        raise UsageError(f"--max-count must be at least 1, got {max_count}")
     if pattern.count("%") != 1 or not _PRINTF.search(pattern):
         raise UsageError(f"the shard pattern needs one number field such as %06d: {pattern!r}")
+    check_output_path(pattern % 0, "--output")
     root = Path(folder)
     images = find_images(root)
     names = _member_names(root, images)
     written: list[Path] = []
     for start in range(0, len(images), max_count):
         target = Path(pattern % (start // max_count))
-        target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(target) as tmp, tarfile.open(tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for path, name in zip(images[start : start + max_count], names[start : start + max_count]):
                 info = tarfile.TarInfo(name)

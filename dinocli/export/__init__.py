@@ -20,7 +20,7 @@ from dinocli.errors import DinoError, UsageError, unknown_name
 from dinocli.export.formats import require_onnx, write_onnx, write_safetensors, write_torchscript
 from dinocli.export.huggingface import check_exportable, require_transformers, write_huggingface
 from dinocli.export.metadata import METADATA_KEYS, export_metadata
-from dinocli.io import atomic_folder, atomic_path
+from dinocli.io import atomic_folder, atomic_path, check_output_path
 from dinocli.weights import build_backbone, read_backbone_weights, resolve_backbone_spec
 
 FORMATS = ("safetensors", "torchscript", "onnx", "huggingface")
@@ -76,10 +76,7 @@ def export_backbone(
         raise unknown_name("checkpoint key", checkpoint_key, CHECKPOINT_KEYS)
     source, output = Path(weights_path), Path(output)
     folder = format == "huggingface"
-    if output.is_dir() and not folder:
-        raise UsageError(f"{output} is a folder; give the path of the file to write")
-    if output.is_file() and folder:
-        raise UsageError(f"{output} is a file; --format huggingface writes a folder")
+    check_output_path(output, "--output", folder=folder)  # before the export and its check
     if output.exists() and not force:
         raise UsageError(f"{output} already exists; pass --force to overwrite it")
     if include_head and format != "safetensors":

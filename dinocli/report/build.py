@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dinocli.errors import UsageError
-from dinocli.io import atomic_write_bytes, atomic_write_text
+from dinocli.io import atomic_write_bytes, atomic_write_text, check_output_path
 from dinocli.report.charts import Chart, Series, render_chart
 from dinocli.report.metrics import kind, load_metrics, series
 from dinocli.report.page import Figure, html_page
@@ -127,8 +127,7 @@ def render_report(run: str | Path, output: str | Path | None = None) -> ReportRe
     records = load_metrics(run / "metrics.jsonl")
     config, config_text = read_config(run)
     folder = Path(output) if output is not None else run / "report"
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"--output {folder} exists and is not a folder")
+    check_output_path(folder, "--output", folder=True)
     figures, images = [], []
     for name, chart in build_charts(records, config).items():
         buffer = io.BytesIO()

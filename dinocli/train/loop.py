@@ -32,7 +32,7 @@ from dinocli.distributed import (
 )
 from dinocli.errors import DinoError, UsageError
 from dinocli.heads import DINOHead
-from dinocli.io import atomic_write_text
+from dinocli.io import atomic_write_text, check_output_path, make_folder
 from dinocli.loggers import open_loggers
 from dinocli.registry import create_augmentation, create_backbone
 from dinocli.runtime import TimedIterator, autocast, resolve_precision, training_workers
@@ -109,10 +109,9 @@ class Trainer:
     ) -> None:
         self.cfg, self.group, self.device, self.precision = cfg, group, device, precision
         self.out = Path(cfg.output)
-        if self.out.exists() and not self.out.is_dir():
-            raise UsageError(f"--output {self.out} exists and is not a folder")
+        check_output_path(self.out, "--output", folder=True)
         if group.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            make_folder(self.out)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True

@@ -26,7 +26,7 @@ from torch import nn
 
 from dinocli.data import DECODE_ERRORS, open_rgb, quiet_large_images
 from dinocli.errors import UsageError
-from dinocli.io import atomic_write_bytes
+from dinocli.io import atomic_write_bytes, check_output_path
 from dinocli.visualize.attention import (
     ImageAttention,
     attention_mask,
@@ -162,8 +162,7 @@ def write_attention_pages(
     if not images:
         raise UsageError("no images to show")
     output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"--output {output} exists and is not a folder")
+    check_output_path(output, "--output", folder=True)
     for source in images:  # every image decodes before a page is written: no half-written output
         _open(source)
     names = unique_names([_source_name(s) for s in images])
