@@ -240,10 +240,19 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1
 
 
+#: The other safetensors files dinocli writes, by the metadata key that marks them: not weights.
+NOT_WEIGHTS = {
+    "dinocli.features": "a features file (from 'dino extract')",
+    "dinocli.linear": "a linear classifier (from 'dino linear')",
+}
+
+
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
+            if what := next((NOT_WEIGHTS[key] for key in NOT_WEIGHTS if key in meta), None):
+                raise UsageError(f"{path} is {what}, not backbone weights")  # before reading its tensors
             return {key: f.get_tensor(key) for key in f.keys()}, meta
     except (SafetensorError, OSError, ValueError) as exc:
         raise UsageError(f"{path} is not a valid safetensors file: {exc}") from None

@@ -92,6 +92,40 @@ def test_structural_change_on_resume_is_refused(images, tmp_path):
         pretrain(config(images, tmp_path / "run", epochs=2, out_dim=64))
 
 
+def last_lr(run):
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "lr" in r][-1]["lr"]
+
+
+@pytest.mark.parametrize("change", ["data", "batch"])
+def test_a_new_epoch_length_goes_on_from_the_epoch_end_on_its_schedules(images, tmp_path, capsys, change):
+    run = tmp_path / "run"
+    assert pretrain(config(images, run, epochs=1)).iterations == 2  # 9 images, batches of 4
+    if change == "data":
+        for i in range(4):
+            Image.new("RGB", (36, 40), (60 * i, 90, 30)).save(images / "nested" / f"new{i}.png")
+        extra, per_epoch, message = {}, 3, "the data changed from 9 to 13 images"
+    else:
+        extra, per_epoch, message = {"batch_size": 2}, 4, "the global batch changed from 4 to 2"
+    resumed = pretrain(config(images, run, epochs=2, **extra))
+    assert resumed.iterations == 2 * per_epoch  # the counter the schedules read, at the new epoch length
+    assert f"{message}: the schedules continue from the start of the next epoch" in capsys.readouterr().err
+    straight = tmp_path / "straight"  # the same images and batch from the start
+    pretrain(config(images, straight, epochs=2, **extra))
+    assert last_lr(run) == pytest.approx(last_lr(straight))
+
+
+def test_a_mid_epoch_checkpoint_is_not_resumed_on_other_data(images, tmp_path):
+    run = tmp_path / "run"
+    pretrain(config(images, run, epochs=1))
+    ckpt = torch.load(run / "checkpoint.pth", weights_only=True)
+    ckpt["iteration"] = 3  # one iteration into the second epoch, as Ctrl-C saves it
+    torch.save(ckpt, run / "checkpoint.pth")
+    Image.new("RGB", (36, 40)).save(images / "nested" / "new.png")
+    with pytest.raises(UsageError, match="saved in the middle of an epoch, and the data changed from 9 to 10"):
+        pretrain(config(images, run, epochs=2))
+
+
 def test_mean_patch_token_run_keeps_its_pooling(images, tmp_path):
     run = tmp_path / "run"
     pretrain(config(images, run, epochs=1, pool="avg"))

@@ -75,6 +75,13 @@ def make_weights(kind: str, folder: Path) -> Path:
         return bf.code_running_checkpoint(folder / "evil.pth", folder / "marker")
     if kind == "code_raw":
         return bf.code_running_raw_pickle(folder / "evil_raw.pth", folder / "marker")
+    if kind == "features":
+        return features_file(folder / "feats.safetensors")
+    if kind == "classifier":
+        from dinocli.evaluate.linear import LinearClassifier, save_classifier
+
+        save_classifier(folder / "clf.safetensors", LinearClassifier(torch.zeros(2, 8), torch.zeros(2), ["a", "b"]))
+        return folder / "clf.safetensors"
     raise AssertionError(kind)
 
 
@@ -88,6 +95,8 @@ WEIGHTS_CASES = [
      "the weights do not fit vit_small: 'cls_token' has shape [1, 1, 192] in the file but [1, 1, 384] in the model"),
     ("code_zip", 1, "refusing to load {path}: it needs the Python object 'posix.mkdir', which could run code"),
     ("code_raw", 1, "refusing to load {path}: it needs the Python object 'posix.mkdir', which could run code"),
+    ("features", 2, "{path} is a features file (from 'dino extract'), not backbone weights"),
+    ("classifier", 2, "{path} is a linear classifier (from 'dino linear'), not backbone weights"),
 ]
 
 

@@ -205,7 +205,8 @@ def extract_command(
     seconds = time.perf_counter() - start
     feats.metadata.update(info)
     save_features(output, feats, dtypes[dtype])
-    classes = f"{len(feats.classes)} classes" if feats.classes else "unlabelled"
+    n = len(feats.classes)
+    classes = f"{n} class{'es' if n != 1 else ''}" if n else "unlabelled"
     typer.echo(
         f"wrote {len(feats)} x {feats.dim} features ({classes}) to {output} "
         f"in {seconds:.1f} s ({len(feats) / seconds:.0f} images/s)"

@@ -288,7 +288,9 @@ class Trainer:
         self.epoch, self.iteration = int(ckpt["epoch"]), int(ckpt["iteration"])
         self.skipped_images = int(ckpt.get("skipped_images", 0))
         self.metrics.rewind(self.iteration)
-        self._adapt_to_global_batch(int(ckpt.get("global_batch", self.global_batch)), path)
+        self._adapt_to_epoch_length(
+            int(ckpt.get("global_batch", self.global_batch)), int(ckpt.get("num_images", len(self.paths))), path
+        )
         other = [k for k in saved if k not in STRUCTURAL and k != "output"
                  and _plain(saved[k]) != _plain(getattr(self.cfg, k, None))]
         note = f" (changed: {', '.join(other)})" if other else ""
@@ -297,20 +299,25 @@ class Trainer:
         )
         return True
 
-    def _adapt_to_global_batch(self, saved: int, path: Path) -> None:
-        """A run saved with another global batch (processes x --batch-size) goes on at its epoch end."""
-        if saved == self.global_batch:
+    def _adapt_to_epoch_length(self, saved_batch: int, saved_images: int, path: Path) -> None:
+        """A run saved with another global batch (processes x --batch-size) or another number of
+        images goes on from its epoch end, with the schedules of the new epoch length."""
+        changes = []
+        if saved_batch != self.global_batch:
+            changes.append(f"the global batch changed from {saved_batch} to {self.global_batch}")
+        if saved_images != len(self.paths):
+            changes.append(f"the data changed from {saved_images} to {len(self.paths)} images")
+        if not changes:
             return
-        if self.iteration != self.epoch * (len(self.paths) // saved):
+        if self.iteration != self.epoch * (saved_images // saved_batch):
             raise UsageError(
-                f"{path} was saved in the middle of an epoch with a global batch of {saved} "
-                f"(processes x --batch-size); resume it with a global batch of {saved}, not "
-                f"{self.global_batch}"
+                f"{path} was saved in the middle of an epoch, and {' and '.join(changes)}: resume it with "
+                "the same images and global batch (processes x --batch-size), or start a new run from its "
+                "weights with --init-from"
             )
         self.iteration = self.epoch * self.iters_per_epoch
         self.display.log(
-            f"the global batch changed from {saved} to {self.global_batch}: the schedules "
-            "continue from the start of the next epoch"
+            f"{'; '.join(changes)}: the schedules continue from the start of the next epoch"
         )
 
     # -- training ---------------------------------------------------------------------------
@@ -561,6 +568,7 @@ class Trainer:
             "skipped_images": self.skipped_images,
             "config": self.cfg.to_dict(),
             "global_batch": self.global_batch,
+            "num_images": len(self.paths),
             "rng": rng_state(),
             BACKBONE_SPEC_KEY: self.spec,
             "dinocli.version": dinocli.__version__,
