@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -341,3 +342,33 @@ def test_installed_dino_knn_reports_errors_on_stderr(tmp_path: Path, run_dino) -
     proc = run_dino("knn", "--train", str(tmp_path / "train.safetensors"), "--val", str(tmp_path / "val.safetensors"), "-k", "31")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: k=31 is larger than the train set (30 features)"
+
+
+@pytest.mark.parametrize(
+    ("train", "val", "message"),
+    [
+        (["a", "b"], ["a", "b"], None),
+        ([], ["a"], None),  # unlabelled features name no classes: nothing to compare
+        (["a", "b"], ["a", "c"], "(2 vs 2: class 1 is 'b' in train and 'c' in val)"),
+        (["a", "b"], ["a"], "(2 vs 1: only train has 'b')"),
+        (["a"], ["a", "b", "c"], "(1 vs 3: only val has 'b')"),
+    ],
+)
+def test_require_same_classes_names_the_first_difference(train, val, message):
+    if message is None:
+        features_io.require_same_classes(train, val)
+    else:
+        with pytest.raises(UsageError, match=re.escape(f"the train and val sets have different classes {message}")):
+            features_io.require_same_classes(train, val)
+
+
+@pytest.mark.parametrize("command", ["knn", "linear"])
+def test_one_step_form_compares_the_classes_before_loading_the_model(tmp_path: Path, cli, rgb_image, command) -> None:
+    for split, classes in (("train", ["cat", "dog"]), ("val", ["cat"])):
+        for name in classes:
+            (tmp_path / split / name).mkdir(parents=True)
+            rgb_image.save(tmp_path / split / name / "0.png")
+    result = cli.invoke(app, [command, "--weights", str(tmp_path / "not-there.pth"), "--train-data",
+                              str(tmp_path / "train"), "--val-data", str(tmp_path / "val")])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert result.stderr == "error: the train and val sets have different classes (2 vs 1: only train has 'dog')\n"

@@ -126,7 +126,7 @@ def knn_command(
     ] = 4096,
 ) -> None:
     """Classify val images by a weighted vote of their nearest train images (the DINO k-NN)."""
-    from dinocli.evaluate.features_io import load_features
+    from dinocli.evaluate.features_io import load_features, require_same_classes
     from dinocli.evaluate.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, IndexSpec, knn_features
 
     check_output_path(json_out, "--json")
@@ -147,6 +147,7 @@ def knn_command(
         )
         train_images = check_before_loading(train_data, options)
         val_images = check_before_loading(val_data, options)
+        require_same_classes(train_images[2], val_images[2])  # before the model loads and extracts
         model, _ = load_model(
             weights,
             checkpoint_key,

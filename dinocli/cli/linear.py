@@ -148,6 +148,7 @@ def linear_command(
     device: Device = "auto",
 ) -> None:
     """Train a linear classifier on frozen features and report its val top-1/top-5 (the DINO linear eval)."""
+    from dinocli.evaluate.features_io import require_same_classes
     from dinocli.evaluate.linear import REFERENCE_LR, check_recipe, load_classifier, save_classifier
 
     if mode not in MODES:
@@ -197,6 +198,7 @@ def linear_command(
     elif form == "images":
         train_images = check_before_loading(train_data, extract_options)
         val_images = check_before_loading(val_data, extract_options)
+        require_same_classes(train_images[2], val_images[2])  # before the model loads and extracts
         model, info = load_model(*model_options)
         extract_options["n_last_blocks"] = extract_options["n_last_blocks"] or _default_n_last_blocks(model)
         val_feats = extract_with_progress(model, val_data, images=val_images, **extract_options)

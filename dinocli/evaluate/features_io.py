@@ -124,6 +124,19 @@ def load_features(path: str | Path) -> Features:
     return Features(features, labels.to(torch.int64), list(classes), list(paths), info)
 
 
+def require_same_classes(train: list[str], val: list[str]) -> None:
+    """A one-line error unless the train and val class names (where both have them) are the same list."""
+    if not train or not val or list(train) == list(val):
+        return
+    first = next((i for i, (a, b) in enumerate(zip(train, val)) if a != b), None)
+    if first is not None:
+        where = f"class {first} is {train[first]!r} in train and {val[first]!r} in val"
+    else:
+        longer, name = (train, "train") if len(train) > len(val) else (val, "val")
+        where = f"only {name} has {longer[min(len(train), len(val))]!r}"
+    raise UsageError(f"the train and val sets have different classes ({len(train)} vs {len(val)}: {where})")
+
+
 def _json(text: str, path: Path, key: str) -> Any:
     try:
         return json.loads(text)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from dinocli.errors import UsageError
-from dinocli.evaluate.features_io import Features
+from dinocli.evaluate.features_io import Features, require_same_classes
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 DEFAULT_KS = (10, 20, 100, 200)
@@ -395,11 +395,7 @@ def knn_features(
                 f"the {what} features are unlabelled (extracted from a folder without class "
                 "folders); k-NN needs images in <class>/<image> folders"
             )
-    if train.classes and val.classes and train.classes != val.classes:
-        raise UsageError(
-            f"the train and val sets have different classes ({len(train.classes)} vs "
-            f"{len(val.classes)}: {_first_difference(train.classes, val.classes)})"
-        )
+    require_same_classes(train.classes, val.classes)
     options.setdefault("class_names", train.classes or val.classes)
     return knn_classify(train.features, train.labels, val.features, val.labels, k, **options)
 
@@ -484,10 +480,3 @@ def _faiss_gpus(faiss: Any) -> int:
 
 def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, Iterable) and not isinstance(value, str) else [value]
-
-
-def _first_difference(a: list[str], b: list[str]) -> str:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return f"class {i} is {x!r} in train and {y!r} in val"
-    return "one list is longer"

@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from dinocli.errors import UsageError
-from dinocli.evaluate.features_io import Features
+from dinocli.evaluate.features_io import Features, require_same_classes
 from dinocli.evaluate.knn import target_rank
 from dinocli.io import atomic_path
 
@@ -256,10 +256,8 @@ def check_pair(train: Features, val: Features | None) -> tuple[int, list[str]]:
 def class_names(labels: torch.Tensor, classes: list[str], val: Features | None) -> tuple[int, list[str]]:
     """The number of classes and their names, from the train labels and classes (and val's); an error
     where train and val name different classes or train has fewer than two."""
-    if val is not None and classes and val.classes and classes != val.classes:
-        raise UsageError(
-            f"the train and val sets have different classes ({_preview(classes)} vs {_preview(val.classes)})"
-        )
+    if val is not None:
+        require_same_classes(classes, val.classes)
     largest = int(labels.max()) + 1
     if val is not None:
         largest = max(largest, int(val.labels.max()) + 1)
