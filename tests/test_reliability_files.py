@@ -282,6 +282,23 @@ def test_bad_options_on_the_command_line(tmp_path, images, capsys, args, message
     assert not (run / "checkpoint.pth").exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--batch-size", "16"], "8 images are fewer than one global batch of 16"),
+        (["--init-from", "{tmp}/missing.pth"], "weights file not found"),
+        (["--collapse", "centring"], "unknown collapse strategy 'centring'"),
+        (["--patch-size", "24"], "a 16x16 crop is smaller than one 24-pixel ViT patch"),  # the local crops
+    ],
+)
+def test_a_run_that_cannot_start_leaves_no_output_folder(tmp_path, images, capsys, args, message):
+    run = tmp_path / "runs" / "first"
+    args = [a.format(tmp=tmp_path) for a in args]
+    code, stdout, stderr = dino(capsys, "pretrain", "--data", images, "--output", run, *TRAIN, *args)
+    assert message in bf.error_line(2, code, stderr, stdout)
+    assert not (tmp_path / "runs").exists()
+
+
 TOML_CASES = [
     ("bacth_size = 4", "unknown option in {path} 'bacth_size'. Did you mean 'batch_size'?"),
     ("warmup-epoch = 4", "unknown option in {path} 'warmup_epoch'. Did you mean 'warmup_epochs'?"),

@@ -184,6 +184,15 @@ def conv_stem(patch_size: int, in_chans: int, embed_dim: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def require_whole_patch(h: int, w: int, patch_size: int) -> None:
+    """A one-line error for an ``h x w`` crop smaller than one ViT patch, which has no token."""
+    if h < patch_size or w < patch_size:
+        raise UsageError(
+            f"a {h}x{w} crop is smaller than one {patch_size}-pixel ViT patch: "
+            "use a larger crop size or a smaller --patch-size"
+        )
+
+
 class PatchEmbed(nn.Module):
     """Image to patch tokens: one ``patch_size`` convolution (``linear``) or a :func:`conv_stem`."""
 
@@ -202,11 +211,7 @@ class PatchEmbed(nn.Module):
     def grid(self, x: torch.Tensor) -> torch.Tensor:
         """The token grid ``[B, embed_dim, H // patch, W // patch]``."""
         h, w = x.shape[-2], x.shape[-1]
-        if h < self.patch_size or w < self.patch_size:
-            raise UsageError(
-                f"a {h}x{w} crop is smaller than one {self.patch_size}-pixel ViT patch: "
-                "use a larger crop size or a smaller --patch-size"
-            )
+        require_whole_patch(h, w, self.patch_size)
         if self.kind == "conv":  # drop the remainder, as the patch projection does
             x = x[..., : h - h % self.patch_size, : w - w % self.patch_size]
         return self.proj(x)

@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 import dinocli
+from dinocli.backbones.vit import require_whole_patch
 from dinocli.data import list_images
 from dinocli.distributed import (
     ProcessGroup,
@@ -110,8 +111,6 @@ class Trainer:
         self.cfg, self.group, self.device, self.precision = cfg, group, device, precision
         self.out = Path(cfg.output)
         check_output_path(self.out, "--output", folder=True)
-        if group.is_main:
-            make_folder(self.out)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -128,6 +127,9 @@ class Trainer:
         )
         teacher_backbone = create_backbone(cfg.arch, drop_path_rate=0.0, **self.spec["kwargs"])
         embed_dim = int(student_backbone.embed_dim)
+        if isinstance(patch := getattr(student_backbone, "patch_size", None), int):  # before any step
+            crop = min([cfg.global_crop_size] + [cfg.local_crop_size] * bool(self.augmentation.n_local))
+            require_whole_patch(crop, crop, patch)
         self.student = MultiCropNetwork(
             student_backbone,
             DINOHead(embed_dim, cfg.out_dim, cfg.use_bn_in_head, cfg.norm_last_layer),
@@ -216,7 +218,9 @@ class Trainer:
         self._interrupted = False
         self._stop_agreed = False
         self._unsettled: list[tuple[int, int, torch.Tensor]] = []  # (epoch, iteration, agreement)
-        # last: nothing after it can fail and leave a logger's run open
+        # last: a run that cannot start leaves no folder, and no logger's run open
+        if group.is_main:
+            make_folder(self.out)
         self.metrics = open_loggers(cfg.logger, self.out, cfg.to_dict(), warn=self.display.log, enabled=group.is_main)
 
     # -- set-up -----------------------------------------------------------------------------
