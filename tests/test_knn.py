@@ -372,3 +372,19 @@ def test_one_step_form_compares_the_classes_before_loading_the_model(tmp_path: P
                               str(tmp_path / "train"), "--val-data", str(tmp_path / "val")])  # fmt: skip
     assert result.exit_code == 2, result.output
     assert result.stderr == "error: the train and val sets have different classes (2 vs 1: only train has 'dog')\n"
+
+
+@pytest.mark.parametrize("command", ["knn", "linear"])
+def test_the_same_train_and_val_data_is_a_warning(tmp_path: Path, cli, command) -> None:
+    write_features(tmp_path / "t.safetensors", 40, 8, 2, seed=3)
+    write_features(tmp_path / "v.safetensors", 10, 8, 2, seed=4)
+    args = ["-k", "5"] if command == "knn" else ["--epochs", "1", "--holdout", "0", "--lr", "0.1"]
+    warning = "warning: --train and --val name the same data: the accuracy is measured on the training images"
+    same = cli.invoke(app, [command, "--train", str(tmp_path / "t.safetensors"), "--val",
+                            str(tmp_path / "." / "t.safetensors"), *args])  # fmt: skip
+    assert same.exit_code == 0, same.output
+    assert same.stderr.startswith(warning)
+    other = cli.invoke(app, [command, "--train", str(tmp_path / "t.safetensors"), "--val",
+                             str(tmp_path / "v.safetensors"), *args])  # fmt: skip
+    assert other.exit_code == 0, other.output
+    assert "warning" not in other.stderr

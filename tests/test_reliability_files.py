@@ -334,6 +334,8 @@ def test_a_toml_file_that_is_not_text(tmp_path, images, capsys):
     missing = tmp_path / "nope.toml"
     code, stdout, stderr = dino(capsys, "pretrain", "--config", missing, "--data", images, "--output", tmp_path / "run")
     assert bf.error_line(2, code, stderr, stdout) == f"error: config file not found: {missing}"
+    code, stdout, stderr = dino(capsys, "pretrain", "--config", images, "--data", images, "--output", tmp_path / "run")
+    assert bf.error_line(2, code, stderr, stdout) == f"error: --config {images} is a folder; give a TOML file"
 
 
 # -- plugins -----------------------------------------------------------------------------------------

@@ -112,7 +112,8 @@ ValData = Annotated[
 
 def input_form(train: Path | None, val: Path | None, train_data: Path | None, val_data: Path | None) -> str | None:
     """``"files"`` (``--train``/``--val``), ``"images"`` (``--train-data``/``--val-data``) or ``None``
-    (neither); a one-line error for a mix of the two forms or half a pair."""
+    (neither); a one-line error for a mix of the two forms or half a pair, a warning where train and
+    val are the same data."""
     from_files = train is not None or val is not None
     from_images = train_data is not None or val_data is not None
     if from_files and from_images:
@@ -121,6 +122,13 @@ def input_form(train: Path | None, val: Path | None, train_data: Path | None, va
         raise UsageError("give both --train and --val features files")
     if from_images and (train_data is None or val_data is None):
         raise UsageError("give both --train-data and --val-data image folders")
+    pair = (train, val, "--train and --val") if from_files else (train_data, val_data, "--train-data and --val-data")
+    if pair[0] is not None and Path(pair[0]).resolve() == Path(pair[1]).resolve():
+        typer.echo(
+            f"warning: {pair[2]} name the same data: the accuracy is measured on the training images, "
+            "not on held-out ones",
+            err=True,
+        )
     return "files" if from_files else "images" if from_images else None
 
 

@@ -217,6 +217,8 @@ def coerce(name: str, value: Any, source: str) -> Any:
 def load_toml(path: str | Path) -> dict[str, Any]:
     """The options in a TOML file (top-level keys, kebab- or snake-case), type-checked."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"--config {path} is a folder; give a TOML file")
     if not path.is_file():
         raise UsageError(f"config file not found: {path}")
     try:
