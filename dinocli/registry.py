@@ -106,6 +106,13 @@ class Registry:
         if entry_points is None:
             entry_points = list(metadata.entry_points(group=hookspecs.PROJECT))
         allowed = _allowed_external()
+        if unknown := sorted((allowed or set()) - {ep.name for ep in entry_points}):
+            external = sorted({ep.name for ep in entry_points if not _is_builtin(ep)})
+            print(
+                f"dinocli: {ENV_VAR} names {', '.join(map(repr, unknown))}, which no installed plugin is "
+                f"(installed: {', '.join(external) or 'none'})",
+                file=sys.stderr,
+            )
         for ep in sorted(entry_points, key=lambda e: (not _is_builtin(e), e.name)):
             builtin = _is_builtin(ep)
             if not builtin and allowed is not None and ep.name not in allowed:

@@ -344,6 +344,20 @@ def test_env_var_restricts_external_plugins(write_module, monkeypatch, value, ex
     assert "vit_small" in reg.names("backbones")
 
 
+def test_env_var_naming_no_installed_plugin_says_so(write_module, monkeypatch, capsys):
+    one = write_module("dinotest_one", GOOD_MODULE.replace("{name}", "net_one"))
+    monkeypatch.setenv(ENV_VAR, "dinotest-one,dinotest-onw,vit")  # a typo; a built-in is always loaded
+    reg = Registry()
+    reg.load_entry_points([*builtin_entry_points(), one])
+    assert "dinotest-one" in reg.plugins
+    assert capsys.readouterr().err == (
+        f"dinocli: {ENV_VAR} names 'dinotest-onw', which no installed plugin is (installed: dinotest-one)\n"
+    )
+    monkeypatch.setenv(ENV_VAR, "dinotest-one")
+    Registry().load_entry_points([*builtin_entry_points(), one])
+    assert capsys.readouterr().err == ""
+
+
 def test_example_plugin_is_discovered_through_real_entry_points(fresh_registry, monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     try:
