@@ -377,3 +377,20 @@ def test_batches_read_back_in_order_and_a_nan_batch_is_named(tmp_path: Path) -> 
     assert seen == [2, 2, 1]
     with pytest.raises(DinoError, match=r"NaN or infinite features \(images 2 to 3\)"):
         extract_features(_NanOnCall(1), paths, resize=32, crop_size=32, batch_size=2)
+
+
+@pytest.mark.parametrize("loose", [0, 1])
+def test_images_beside_class_folders_are_a_warning(tmp_path: Path, cli, loose: int) -> None:
+    root = image_tree(tmp_path / "imgs", {"a": 2, "b": 1})
+    if loose:
+        make_rgb_image(48, 40, seed=9).save(root / "stray.png")
+    out = tmp_path / "f.safetensors"
+    result = cli.invoke(app, ["extract", "--random-init", "--arch", "vit_tiny", "--patch-size", "16", "-d", str(root),
+                              "-o", str(out), "--resize", "32", "--crop-size", "32", "--num-workers", "0"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    feats = load_features(out)
+    if loose:  # the documented rule: a folder tree with loose images is unlabelled, and it says so
+        assert feats.classes == [] and set(feats.labels.tolist()) == {-1}
+        assert result.stderr.startswith(f"warning: 1 image(s) lie directly in {root} (e.g. stray.png), outside")
+    else:
+        assert feats.classes == ["a", "b"] and "warning" not in result.stderr

@@ -266,7 +266,22 @@ def check_before_loading(data: Path, options: dict[str, Any]) -> tuple[list[Path
         options["num_workers"] or 0,
     )
     resolve_precision(options["precision"], resolve_device(options["device"]))
-    return list_labelled_images(data)
+    images = list_labelled_images(data)
+    _warn_loose_images(Path(data), images[0], labelled=bool(images[2]))
+    return images
+
+
+def _warn_loose_images(root: Path, paths: list[Any], labelled: bool) -> None:
+    """Warn where images directly in ``root`` beside class folders leave every image unlabelled."""
+    if labelled or not root.is_dir():
+        return
+    loose = [p for p in paths if isinstance(p, Path) and p.parent == root]
+    if loose and len(loose) < len(paths):
+        typer.echo(
+            f"warning: {len(loose)} image(s) lie directly in {root} (e.g. {loose[0].name}), outside its class "
+            "folders, so no image gets a label; move them into a class folder (or out) for labelled features",
+            err=True,
+        )
 
 
 def extract_with_progress(
