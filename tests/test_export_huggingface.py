@@ -100,6 +100,7 @@ def test_cli_export_and_every_weights_option_take_the_folder(cli, tmp_path):
     result = cli.invoke(app, ["export", "-w", str(source), "-o", str(out), "--format", "huggingface"])
     assert result.exit_code == 0, result.output
     assert "huggingface" in result.output and "check: largest |difference|" in result.output
+    assert "Loading weights" not in result.stderr  # transformers' progress bar stays out of the output
     again = cli.invoke(app, ["export", "-w", str(out), "-o", str(tmp_path / "back.safetensors")])
     assert again.exit_code == 0, again.output
     refused = cli.invoke(app, ["export", "-w", str(source), "-o", str(out), "--format", "huggingface"])

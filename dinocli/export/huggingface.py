@@ -9,8 +9,10 @@ transformers (for the check); reading back needs only safetensors.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +168,8 @@ def write_huggingface(folder: Path, model: nn.Module, metadata: dict[str, str], 
     (folder / "preprocessor_config.json").write_text(json.dumps(_preprocessor(metadata), indent=2) + "\n")
     (folder / "README.md").write_text(model_card(metadata, model.pool))
 
-    loaded = transformers.ViTModel.from_pretrained(str(folder), add_pooling_layer=False).to(dtype).eval()
+    with _no_progress_bar(transformers):  # its "Loading weights" bar would mix with dinocli's output
+        loaded = transformers.ViTModel.from_pretrained(str(folder), add_pooling_layer=False).to(dtype).eval()
 
     def run(x: torch.Tensor) -> torch.Tensor:
         interpolate = tuple(x.shape[-2:]) != (model.img_size, model.img_size)
@@ -175,6 +178,19 @@ def write_huggingface(folder: Path, model: nn.Module, metadata: dict[str, str], 
         return hf_embedding(tokens, model.pool).float()
 
     return run
+
+
+@contextlib.contextmanager
+def _no_progress_bar(transformers: Any) -> Iterator[None]:
+    """transformers without its progress bars, as they were set before afterwards."""
+    logging = transformers.utils.logging
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
 
 
 def hf_embedding(last_hidden_state: torch.Tensor, pool: str = "cls") -> torch.Tensor:
