@@ -20,6 +20,7 @@ import json
 import math
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,9 @@ def torch_load(path: str | Path) -> Any:
     """``torch.load`` with ``weights_only=True`` (plus ``argparse.Namespace``), on the CPU."""
     path = _existing(path)
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            # a file that is read is fine and one that is not is one error line: no warning besides
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))

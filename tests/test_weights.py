@@ -328,3 +328,15 @@ def test_a_tensor_file_is_not_a_state_dict(tmp_path):
     torch.save(torch.zeros(3), path)
     with pytest.raises(UsageError, match="holds a Tensor, not a state dict or checkpoint"):
         dinocli.load_backbone(path)
+
+
+def test_an_odd_pickle_protocol_is_one_error_and_no_warning(tmp_path):
+    import warnings
+
+    path = tmp_path / "odd.pth"
+    path.write_bytes(b"\x80\xec" + bytes(40))  # pickle protocol 236: torch.load warns, then fails
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(UsageError, match="not a PyTorch checkpoint dinocli can read"):
+            read_backbone_weights(path)
+    assert [str(w.message) for w in caught] == []
