@@ -218,7 +218,7 @@ class Trainer:
         self._interrupted = False
         self._stop_agreed = False
         self._unsettled: list[tuple[int, int, torch.Tensor]] = []  # (epoch, iteration, agreement)
-        # last: a run that cannot start leaves no folder, and no logger's run open
+        # last: a run the checks above refuse leaves no folder, and no logger's run is left open
         if group.is_main:
             make_folder(self.out)
         self.metrics = open_loggers(cfg.logger, self.out, cfg.to_dict(), warn=self.display.log, enabled=group.is_main)
