@@ -243,18 +243,23 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1
 
 
-#: The other safetensors files dinocli writes, by the metadata key that marks them: not weights.
-NOT_WEIGHTS = {
-    "dinocli.features": "a features file (from 'dino extract')",
-    "dinocli.linear": "a linear classifier (from 'dino linear')",
-}
+def _other_dinocli_file(meta: dict[str, str]) -> str | None:
+    """What a safetensors file is, by its metadata, when it is one of the other files dinocli writes."""
+    from dinocli.evaluate.features_io import FEATURES_META_KEY
+    from dinocli.evaluate.linear import CLASSIFIER_META_KEY
+
+    if FEATURES_META_KEY in meta:
+        return "a features file (from 'dino extract')"
+    if CLASSIFIER_META_KEY in meta:
+        return "a linear classifier (from 'dino linear')"
+    return None
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
-            if what := next((NOT_WEIGHTS[key] for key in NOT_WEIGHTS if key in meta), None):
+            if what := _other_dinocli_file(meta):
                 raise UsageError(f"{path} is {what}, not backbone weights")  # before reading its tensors
             return {key: f.get_tensor(key) for key in f.keys()}, meta
     except (SafetensorError, OSError, ValueError) as exc:

@@ -122,10 +122,12 @@ def input_form(train: Path | None, val: Path | None, train_data: Path | None, va
         raise UsageError("give both --train and --val features files")
     if from_images and (train_data is None or val_data is None):
         raise UsageError("give both --train-data and --val-data image folders")
-    pair = (train, val, "--train and --val") if from_files else (train_data, val_data, "--train-data and --val-data")
-    if pair[0] is not None and Path(pair[0]).resolve() == Path(pair[1]).resolve():
+    first, second, flags = (train, val, "--train and --val") if from_files else (
+        train_data, val_data, "--train-data and --val-data"
+    )
+    if first is not None and Path(first).resolve() == Path(second).resolve():
         typer.echo(
-            f"warning: {pair[2]} name the same data: the accuracy is measured on the training images, "
+            f"warning: {flags} name the same data: the accuracy is measured on the training images, "
             "not on held-out ones",
             err=True,
         )
