@@ -65,7 +65,7 @@ def dinocli_register_augmentations(register: Register) -> None:
     the local crops. It has the attributes ``n_global`` and ``n_local``.
 
     Keyword arguments dinocli passes: ``global_crops_scale`` and ``local_crops_scale`` (pairs),
-    ``local_crops_number``, ``global_crop_size``, ``local_crop_size``, ``mean``, ``std``.
+    ``local_crops_number``, ``global_crop_size``, ``local_crop_size``.
     """
 
 

@@ -8,8 +8,10 @@ everything else keeps working. Set ``DINOCLI_PLUGINS`` to restrict external plug
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
@@ -19,7 +21,7 @@ from typing import Any
 import pluggy
 
 from dinocli import hookspecs
-from dinocli.errors import DinoError, UsageError, unknown_name
+from dinocli.errors import DinoError, UsageError, debug_enabled, unknown_name
 
 ENV_VAR = "DINOCLI_PLUGINS"
 
@@ -102,7 +104,10 @@ class Registry:
     # -- loading ---------------------------------------------------------------------------
 
     def load_entry_points(self, entry_points: list[metadata.EntryPoint] | None = None) -> None:
-        """Load and register every plugin named by an entry point in the group ``dinocli``."""
+        """Load and register every plugin named by an entry point in the group ``dinocli``.
+
+        What plugins print while they load goes to stderr, so that stdout stays the command's own
+        (``dino plugins --json``)."""
         if entry_points is None:
             entry_points = list(metadata.entry_points(group=hookspecs.PROJECT))
         allowed = _allowed_external()
@@ -132,12 +137,13 @@ class Registry:
                     file=sys.stderr,
                 )
                 continue
-            try:
-                module = ep.load()
-            except Exception as exc:  # noqa: BLE001 - isolate any plugin failure
-                self._fail(info, f"failed to import {ep.value}: {type(exc).__name__}: {exc}")
-                continue
-            self.add_plugin(module, info)
+            with contextlib.redirect_stdout(sys.stderr):
+                try:
+                    module = ep.load()
+                except (Exception, SystemExit) as exc:  # noqa: BLE001 - isolate any plugin failure
+                    self._fail(info, f"failed to import {ep.value}: {type(exc).__name__}: {exc}", exc)
+                    continue
+                self.add_plugin(module, info)
 
     def add_plugin(self, module: object, info: PluginInfo) -> None:
         """Register one plugin object (a module or any object with hook implementations)."""
@@ -150,19 +156,24 @@ class Registry:
         except Exception as exc:  # noqa: BLE001 - includes pluggy.PluginValidationError
             if self._pm.is_registered(module):
                 self._pm.unregister(module)
-            self._fail(info, _first_line(exc))
+            self._fail(info, _one_line(exc), exc)
             return
         for kind, (hook_name, *_) in KINDS.items():
-            for impl in getattr(self._pm.hook, hook_name).get_hookimpls():
-                if impl.plugin_name != info.name:
-                    continue
+            impls = [i for i in getattr(self._pm.hook, hook_name).get_hookimpls() if i.plugin_name == info.name]
+            if not impls and callable(getattr(module, hook_name, None)):
+                print(
+                    f"dinocli: plugin {info.name!r}: {hook_name} is not marked with @dinocli.hookimpl, "
+                    "so it is not called",
+                    file=sys.stderr,
+                )
+            for impl in impls:
                 try:
                     impl.function(register=self._register_callback(kind, info))
                 except DinoError as exc:
-                    self._fail(info, str(exc))
+                    self._fail(info, str(exc), exc)
                     return  # a disabled plugin's other hooks are not run
-                except Exception as exc:  # noqa: BLE001
-                    self._fail(info, f"{hook_name} raised {type(exc).__name__}: {exc}")
+                except (Exception, SystemExit) as exc:  # noqa: BLE001
+                    self._fail(info, f"{hook_name} raised {type(exc).__name__}: {exc}", exc)
                     return
 
     def _register_callback(self, kind: str, info: PluginInfo) -> Callable[..., None]:
@@ -176,6 +187,11 @@ class Registry:
         ) -> None:
             if not isinstance(name, str) or not name:
                 raise DinoError(f"plugin {info.name!r} registered a {kind_name} without a name")
+            if "," in name or name != "".join(name.split()):
+                raise DinoError(
+                    f"plugin {info.name!r} registered {kind_name} {name!r}: a name cannot hold commas "
+                    "or spaces (--collapse and --logger take comma-separated names)"
+                )
             if not callable(factory):
                 raise DinoError(
                     f"plugin {info.name!r} registered {kind_name} {name!r} with a factory "
@@ -201,7 +217,7 @@ class Registry:
 
         return register
 
-    def _fail(self, info: PluginInfo, message: str) -> None:
+    def _fail(self, info: PluginInfo, message: str, exc: BaseException | None = None) -> None:
         self.plugins[info.name] = info
         # A disabled plugin provides nothing, not even what it registered before failing.
         for kind in KINDS:
@@ -210,6 +226,8 @@ class Registry:
                     del entries[name]
             info.provides[kind].clear()
         info.error = message if info.error is None else info.error
+        if exc is not None and debug_enabled():
+            traceback.print_exception(exc, file=sys.stderr)
         print(f"dinocli: plugin {info.name!r} disabled: {message}", file=sys.stderr)
 
     # -- lookup ----------------------------------------------------------------------------
@@ -266,10 +284,15 @@ class Registry:
         except DinoError:
             raise
         except Exception as exc:
-            raise DinoError(
-                f"{KINDS[kind][1]} {name!r} from plugin {entry.plugin!r} failed to build: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+            raise DinoError(f"{self.describe(kind, name)} failed to build: {type(exc).__name__}: {exc}") from exc
+
+    def describe(self, kind: str, name: str) -> str:
+        """``backbone 'x' from plugin 'p'``: how messages name something a plugin provides."""
+        try:
+            plugin = self.get(kind, name).plugin
+        except UsageError:
+            return f"{KINDS[kind][1]} {name!r}"
+        return f"{KINDS[kind][1]} {name!r} from plugin {plugin!r}"
 
 
 def _is_builtin(ep: metadata.EntryPoint) -> bool:
@@ -285,9 +308,10 @@ def _allowed_external() -> set[str] | None:
     return {name.strip() for name in value.split(",") if name.strip()}
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc`` with its lines joined (pluggy says what is wrong on the later ones)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return "; ".join(lines) or type(exc).__name__
 
 
 _REGISTRY: Registry | None = None
@@ -350,24 +374,57 @@ def create_backbone(name: str, **kwargs: Any) -> Any:
     registry = get_registry()
     model = registry.create("backbones", name, **kwargs)
     embed_dim = getattr(model, "embed_dim", None)
-    if not isinstance(model, nn.Module) or isinstance(embed_dim, bool) or not isinstance(embed_dim, int):
-        plugin = registry.get("backbones", name).plugin
+    if not isinstance(model, nn.Module) or not _is_count(embed_dim, 1):
         what = type(model).__name__ if not isinstance(model, nn.Module) else f"embed_dim={embed_dim!r}"
         raise DinoError(
-            f"backbone {name!r} from plugin {plugin!r} is broken: its factory must return an "
+            f"{registry.describe('backbones', name)} is broken: its factory must return an "
             f"nn.Module with an integer embed_dim, got {what}"
         )
     return model
 
 
 def create_augmentation(name: str, **kwargs: Any) -> Any:
-    """Build augmentation pipeline ``name`` (e.g. ``dino``)."""
-    return get_registry().create("augmentations", name, **kwargs)
+    """Build augmentation pipeline ``name`` (e.g. ``dino``).
+
+    What the factory returns must be callable with integer ``n_global >= 1`` and ``n_local >= 0``,
+    the latter equal to ``local_crops_number`` when that is passed; otherwise the error names the
+    plugin that registered ``name``.
+    """
+    registry = get_registry()
+    augmentation = registry.create("augmentations", name, **kwargs)
+    n_global, n_local = getattr(augmentation, "n_global", None), getattr(augmentation, "n_local", None)
+    if not callable(augmentation) or not _is_count(n_global, 1) or not _is_count(n_local, 0):
+        raise DinoError(
+            f"{registry.describe('augmentations', name)} is broken: its factory must return a callable "
+            f"with integer n_global >= 1 and n_local >= 0, got {type(augmentation).__name__} with "
+            f"n_global={n_global!r}, n_local={n_local!r}"
+        )
+    wanted = kwargs.get("local_crops_number")
+    if wanted is not None and n_local != wanted:
+        raise DinoError(
+            f"{registry.describe('augmentations', name)} is broken: it makes n_local={n_local} local "
+            f"crops when asked for local_crops_number={wanted}"
+        )
+    return augmentation
 
 
 def create_collapse_strategy(name: str, **kwargs: Any) -> Any:
-    """Build collapse-avoidance strategy ``name`` (e.g. ``centering``)."""
-    return get_registry().create("collapse_strategies", name, **kwargs)
+    """Build collapse-avoidance strategy ``name`` (e.g. ``centering``); what the factory returns
+    must be a :class:`dinocli.CollapseStrategy`, or the error names the plugin."""
+    from dinocli.interfaces import CollapseStrategy
+
+    registry = get_registry()
+    strategy = registry.create("collapse_strategies", name, **kwargs)
+    if not isinstance(strategy, CollapseStrategy):
+        raise DinoError(
+            f"{registry.describe('collapse_strategies', name)} is broken: its factory must return a "
+            f"dinocli.CollapseStrategy, got {type(strategy).__name__}"
+        )
+    return strategy
+
+
+def _is_count(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 __all__ = [

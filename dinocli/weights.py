@@ -123,16 +123,44 @@ def build_backbone(
     from dinocli.registry import create_backbone
 
     spec = resolve_backbone_spec(weights, arch, patch_size)
+    if arch is None and weights.spec:
+        _require_registered(spec["name"])
     model = create_backbone(spec["name"], **spec["kwargs"])
     load_state_dict_strict(model, weights.state_dict, what=spec["name"])
     return model
 
 
+def _require_registered(name: str) -> None:
+    """A backbone named by a weights file must be one an installed plugin provides."""
+    from dinocli.registry import get_registry
+
+    try:
+        get_registry().get("backbones", name)
+    except UsageError as exc:
+        failed = str(exc).partition(" Disabled by errors: ")[2]
+        raise UsageError(
+            f"these weights were saved from backbone {name!r}, which no installed plugin provides; "
+            "install the plugin that provides it (see 'dino plugins')"
+            + (f". Disabled by errors: {failed}" if failed else "")
+        ) from None
+
+
 def resolve_backbone_spec(
     weights: BackboneWeights, arch: str | None = None, patch_size: int | None = None
 ) -> dict[str, Any]:
-    """``{"name", "kwargs"}`` that :func:`build_backbone` uses: the file's, inferred, or overridden."""
-    spec = dict(weights.spec) if weights.spec else infer_backbone_spec(weights.state_dict)
+    """``{"name", "kwargs"}`` that :func:`build_backbone` uses: the file's, inferred, or overridden.
+
+    With ``arch``, weights of a layout no built-in backbone has (a plugin's) are built by ``arch``
+    with its own defaults."""
+    if weights.spec:
+        spec = dict(weights.spec)
+    else:
+        try:
+            spec = infer_backbone_spec(weights.state_dict)
+        except UsageError:
+            if arch is None:
+                raise
+            spec = {"name": arch, "kwargs": {}}
     kwargs = dict(spec.get("kwargs", {}))
     if arch is not None:
         spec["name"] = arch

@@ -8,6 +8,7 @@ import textwrap
 from importlib import metadata
 
 import pytest
+import torch
 
 import dinocli
 import dinocli.cli.plugins as plugins_cli
@@ -92,6 +93,50 @@ def test_debug_shows_the_traceback(cli, monkeypatch):
     assert lines[0] == "Traceback (most recent call last):"
     assert "dinocli.errors.DinoError: the disk is full" in lines
     assert lines[-1] == "error: the disk is full"
+
+
+class _FailingImages(torch.utils.data.Dataset):
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int):
+        raise self.exc
+
+
+def worker_failure(exc: BaseException) -> BaseException:
+    """``exc`` as PyTorch re-raises it from a data-loading worker: the worker's traceback in its message."""
+    loader = torch.utils.data.DataLoader(_FailingImages(exc), num_workers=1)
+    with pytest.raises(type(exc)) as caught:
+        next(iter(loader))
+    assert "Original Traceback (most recent call last)" in str(caught.value)
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    "exc, code, line",
+    [
+        (TypeError("expected Tensor as element 0, got JpegImageFile"), 1,
+         "error: TypeError: expected Tensor as element 0, got JpegImageFile (in DataLoader worker process 0) "
+         "(run with --debug for the traceback)"),
+        (UsageError("cannot decode image a.jpg: truncated"), 2, "error: cannot decode image a.jpg: truncated"),
+    ],
+    ids=["unexpected", "dinocli"],
+)
+def test_an_error_in_a_data_loading_worker_is_its_own_line_not_its_traceback(cli, monkeypatch, exc, code, line):
+    fail_with(monkeypatch, worker_failure(exc))
+    result = cli.invoke(app, ["plugins"])
+    assert result.exit_code == code
+    assert result.stderr.splitlines() == [line]
+
+
+def test_debug_does_not_ask_for_debug(cli, monkeypatch):
+    fail_with(monkeypatch, RuntimeError("kaboom"))
+    result = cli.invoke(app, ["--debug", "plugins"])
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1] == "error: RuntimeError: kaboom"
 
 
 SCRIPT = textwrap.dedent(

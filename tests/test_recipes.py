@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from PIL import Image
 
 import dinocli
-from dinocli.errors import UsageError
+from dinocli.errors import DinoError, UsageError
 from dinocli.recipes import auto, crops_for, describe_data, momentum_for, prototypes_for, small_data
 from dinocli.train import resolve_config
 from dinocli.train.config import FIELDS
@@ -162,3 +164,36 @@ def test_recipe_patch_embed_is_overridable_and_ignored_by_resnets(small_images, 
         cfg.arch, patch_size=cfg.patch_size, patch_embed=cfg.patch_embed, img_size=32
     )
     assert resnet.stem == "small"  # a backbone without patches ignores the recipe's patch embedding
+
+
+def _recipe_plugin(**recipes):
+    @dinocli.hookimpl
+    def dinocli_register_recipes(register):
+        for name, factory in recipes.items():
+            register(name, factory)
+
+    return SimpleNamespace(dinocli_register_recipes=dinocli_register_recipes)
+
+
+@pytest.mark.parametrize(
+    "factory, error, message",
+    [
+        (lambda **_: None, DinoError,
+         "recipe 'odd' from plugin 'recipes-test' is broken: its factory must return a mapping of option "
+         "names to values, got NoneType"),
+        (lambda **_: 1 / 0, DinoError,
+         "recipe 'odd' from plugin 'recipes-test' failed to build: ZeroDivisionError: division by zero"),
+        (lambda **_: {"out_dimm": 512}, UsageError,
+         "unknown option 'out_dimm' in recipe 'odd' from plugin 'recipes-test'. Did you mean 'out_dim'?"),
+    ],
+    ids=["not-a-mapping", "raises", "unknown-option"],
+)
+def test_a_broken_recipe_is_named_with_its_plugin(fresh_registry, small_images, factory, error, message):
+    from dinocli.registry import PluginInfo
+
+    registry = dinocli.get_registry()
+    registry.add_plugin(_recipe_plugin(odd=factory), PluginInfo("recipes-test", "recipes-test", "0", False))
+    with pytest.raises(error) as caught:
+        resolve_config(overrides={"recipe": "odd", "data": str(small_images), "output": "r"})
+    assert str(caught.value).startswith(message)
+    assert type(caught.value) is error  # a plugin's bug is exit code 1, a wrong value 2

@@ -309,6 +309,74 @@ def test_misspelled_hook_is_an_error_naming_the_plugin(write_module, capsys):
     assert len(stderr_lines(err, "plugin 'dinotest-wrong-arg' disabled")) == 1
 
 
+def test_a_wrong_hook_argument_says_which_argument(write_module):
+    wrong_arg = write_module(
+        "dinotest_arg_named",
+        """
+        import dinocli
+
+        @dinocli.hookimpl
+        def dinocli_register_backbones(reg):
+            reg("never", object)
+        """,
+    )
+    reg = Registry()
+    reg.load_entry_points([wrong_arg])
+    error = reg.plugins["dinotest-arg-named"].error
+    assert "\n" not in error  # pluggy's later lines, joined: they say what is wrong
+    assert "hookimpl definition: dinocli_register_backbones(reg)" in error
+    assert "Argument(s) {'reg'} are declared in the hookimpl but can not be found in the hookspec" in error
+
+
+def test_a_plugin_that_exits_or_prints_at_import_leaves_the_others_and_stdout_alone(write_module, capsys):
+    exits = write_module("dinotest_exits", "import sys\nsys.exit('bye from the plugin')\n")
+    chatty = write_module("dinotest_chatty", "\n    print('hello from the plugin')" + GOOD_MODULE.replace("{name}", "chatty_net"))
+    reg = Registry()
+    reg.load_entry_points([exits, chatty])
+    assert reg.plugins["dinotest-exits"].error == "failed to import dinotest_exits: SystemExit: bye from the plugin"
+    assert reg.names("backbones") == ["chatty_net"]
+    out, err = capsys.readouterr()
+    assert out == ""  # stdout stays the command's own (dino plugins --json)
+    assert "hello from the plugin" in err
+
+
+def test_an_unmarked_hook_is_reported_not_silently_ignored(write_module, capsys):
+    unmarked = write_module(
+        "dinotest_unmarked",
+        """
+        def dinocli_register_backbones(register):  # no @dinocli.hookimpl
+            register("never", object)
+        """,
+    )
+    reg = Registry()
+    reg.load_entry_points([unmarked])
+    assert reg.names("backbones") == [] and reg.plugins["dinotest-unmarked"].error is None
+    assert stderr_lines(capsys.readouterr().err, "dinotest-unmarked") == [
+        "dinocli: plugin 'dinotest-unmarked': dinocli_register_backbones is not marked with "
+        "@dinocli.hookimpl, so it is not called"
+    ]
+
+
+@pytest.mark.parametrize("name", ["mean,centering", "csv, too", " padded", "two words"])
+def test_a_name_with_commas_or_spaces_is_refused(name):
+    reg = Registry()
+    reg.add_plugin(backbone_plugin(name), info("spaced"))
+    assert reg.plugins["spaced"].error == (
+        f"plugin 'spaced' registered backbone {name!r}: a name cannot hold commas or spaces "
+        "(--collapse and --logger take comma-separated names)"
+    )
+    assert reg.names("backbones") == []
+
+
+def test_debug_shows_where_a_plugin_failed_to_import(write_module, monkeypatch, capsys):
+    broken = write_module("dinotest_deep", "def helper():\n    raise ValueError('deep inside')\nhelper()\n")
+    monkeypatch.setenv("DINOCLI_DEBUG", "1")
+    Registry().load_entry_points([broken])
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "dinotest_deep.py\", line 2, in helper" in err
+    assert err.rstrip().endswith("disabled: failed to import dinotest_deep: ValueError: deep inside")
+
+
 def test_two_entry_points_with_one_name_keep_the_first(write_module, capsys):
     first = write_module("dinotest_first", GOOD_MODULE.replace("{name}", "first_net"))
     second = write_module("dinotest_second", GOOD_MODULE.replace("{name}", "second_net"))
@@ -422,6 +490,31 @@ def test_plugins_shows_a_failed_plugin_and_the_rest(cli, fresh_registry, write_m
     vit_line = next(line for line in table.stdout.splitlines() if "vit_small" in line)
     assert "dinocli (built-in)" in vit_line and "ok" in vit_line
     assert stderr_lines(table.stderr, "dinotest-cli-broken") == []
+
+
+def test_plugins_expand_lists_the_patterns_whose_names_can_be_listed(cli, fresh_registry, monkeypatch):
+    def broken_names():
+        raise RuntimeError("listing exploded")
+
+    @dinocli.hookimpl
+    def dinocli_register_backbones(register):
+        register("bad/*", TinyNet, names=broken_names)
+        register("good/*", TinyNet, names=lambda: ["a", "b"])
+
+    monkeypatch.setenv(ENV_VAR, "none")
+    get_registry().add_plugin(SimpleNamespace(dinocli_register_backbones=dinocli_register_backbones), info("lister"))
+    result = cli.invoke(app, ["plugins", "--expand", "--json"])
+    assert result.exit_code == 0, result.output
+    row = next(r for r in json.loads(result.stdout)["plugins"] if r["name"] == "lister")
+    assert row["pattern_names"] == {"good/*": ["good/a", "good/b"]}
+    assert row["pattern_errors"] == {
+        "bad/*": "plugin 'lister' cannot list the names of 'bad/*': RuntimeError: listing exploded"
+    }
+    table = cli.invoke(app, ["plugins", "--expand"], env={"COLUMNS": "400"})
+    assert table.exit_code == 0, table.output
+    line = next(line for line in table.stdout.splitlines() if "lister" in line)
+    assert "bad/* (cannot list its names: plugin 'lister' cannot list" in line and "good/* (2 names)" in line
+    assert "vit_small" in table.stdout
 
 
 def test_plugins_subprocess_honours_env_var(run_dino):

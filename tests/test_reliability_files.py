@@ -300,9 +300,9 @@ def test_a_run_that_cannot_start_leaves_no_output_folder(tmp_path, images, capsy
 
 
 TOML_CASES = [
-    ("bacth_size = 4", "unknown option in {path} 'bacth_size'. Did you mean 'batch_size'?"),
-    ("warmup-epoch = 4", "unknown option in {path} 'warmup_epoch'. Did you mean 'warmup_epochs'?"),
-    ("[model]\narch = 'vit_tiny'", "unknown option in {path} 'model'."),
+    ("bacth_size = 4", "unknown option 'bacth_size' in {path}. Did you mean 'batch_size'?"),
+    ("warmup-epoch = 4", "unknown option 'warmup_epoch' in {path}. Did you mean 'warmup_epochs'?"),
+    ("[model]\narch = 'vit_tiny'", "unknown option 'model' in {path}."),
     ('batch_size = "64"', "'batch_size' in {path} must be an integer, got '64'"),
     ("epochs = 1.5", "'epochs' in {path} must be an integer, got 1.5"),
     ("lr = true", "'lr' in {path} must be a number, got True"),
@@ -401,6 +401,124 @@ def test_plugin_with_a_broken_backbone_is_named(plugin_site, tmp_path, images, c
         code, stdout, stderr = dino(capsys, *args)
         assert bf.error_line(1, code, stderr, stdout) == f"error: {message}"
     assert not (tmp_path / "f.safetensors").exists()
+
+
+BROKEN_OUTPUTS = """
+    import torch
+    import dinocli
+    from dinocli.strategies.centering import Centering
+
+    class Narrow(torch.nn.Module):
+        embed_dim = 16
+
+        def __init__(self, **kwargs):
+            super().__init__()
+            self.proj = torch.nn.Linear(3, 8)
+
+        def forward(self, x):
+            return self.proj(x.mean(dim=(2, 3)))  # 8 wide, not embed_dim
+
+    class Uncropped:
+        n_global, n_local = 2, 1
+
+        def __init__(self, **kwargs):
+            pass
+
+        def __call__(self, image, generator):
+            return [image] * 3  # PIL images, not tensors
+
+    class FixedLocal(Uncropped):
+        def __init__(self, local_crops_number=8, **kwargs):
+            pass  # keeps n_local = 1 whatever it is asked for
+
+    class Odd(Centering):
+        def __init__(self, out_dim, odd="", **kwargs):
+            super().__init__(out_dim)
+            self.odd = odd
+
+        def targets(self, teacher_logits, temperature):
+            if self.odd == "narrow":
+                return torch.softmax(teacher_logits[:, :10], dim=-1)
+            if self.odd == "logits":
+                return teacher_logits / temperature
+            return super().targets(teacher_logits, temperature)
+
+        def regularizer(self, embeddings, logits):
+            return logits.mean(dim=1) if self.odd == "vector" else None
+
+        def metrics(self):
+            return {"center": self.center} if self.odd == "tensor" else {}
+
+    @dinocli.hookimpl
+    def dinocli_register_backbones(register):
+        register("narrow_net", Narrow)
+
+    @dinocli.hookimpl
+    def dinocli_register_augmentations(register):
+        register("uncropped", Uncropped)
+        register("fixed_local", FixedLocal)
+
+    @dinocli.hookimpl
+    def dinocli_register_collapse_strategies(register):
+        for odd in ("narrow", "logits", "vector", "tensor"):
+            register(f"odd-{odd}", lambda odd=odd, **kw: Odd(odd=odd, **kw))
+        register("not-a-strategy", lambda **kw: object())
+"""
+
+IN_RUN = "at epoch 1, iteration 1: "
+KEPT = "; the last checkpoint ({checkpoint}) is intact"
+BROKEN_OUTPUT_CASES = {
+    "backbone width": (["--arch", "narrow_net"],
+                       "backbone 'narrow_net' from plugin 'dinotest-outputs' returned a [8, 8] tensor for a batch of "
+                       "[8, 3, 32, 32]; a backbone returns [images, embed_dim] = [8, 16]"),
+    "crops that are not tensors": (["--augmentation", "uncropped"],
+                                   "augmentation 'uncropped' from plugin 'dinotest-outputs' returned a PngImageFile as crop 0; "
+                                   "an augmentation returns n_global + n_local = 2 + 1 float tensors [3, h, w], the "
+                                   "global crops first"),
+    "n_local": (["--augmentation", "fixed_local", "--local-crops-number", "4"],
+                "augmentation 'fixed_local' from plugin 'dinotest-outputs' is broken: it makes n_local=1 local crops "
+                "when asked for local_crops_number=4"),
+    "not a strategy": (["--collapse", "not-a-strategy"],
+                       "collapse strategy 'not-a-strategy' from plugin 'dinotest-outputs' is broken: its factory must "
+                       "return a dinocli.CollapseStrategy, got object"),
+    "targets shape": (["--collapse", "odd-narrow"],
+                      "collapse strategy 'odd-narrow' from plugin 'dinotest-outputs' returned a [8, 10] tensor for "
+                      "[8, 32] teacher logits from targets() " + IN_RUN + "targets() returns probabilities of the "
+                      "teacher logits' shape, rows summing to 1" + KEPT),
+    "targets values": (["--collapse", "odd-logits"],
+                       "collapse strategy 'odd-logits' from plugin 'dinotest-outputs' returned targets that are not "
+                       "probabilities (smallest value "),
+    "regulariser shape": (["--collapse", "odd-vector"],
+                          "collapse strategy 'odd-vector' from plugin 'dinotest-outputs' returned a [12] tensor from "
+                          "regularizer() " + IN_RUN + "regularizer() returns a scalar tensor or None" + KEPT),
+    "metrics": (["--collapse", "odd-tensor"],
+                "collapse strategy 'odd-tensor' from plugin 'dinotest-outputs' returned a [1, 32] tensor as 'center' "
+                "from metrics() " + IN_RUN + "metrics() returns a dict of numbers" + KEPT),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_OUTPUT_CASES))
+def test_a_plugin_that_returns_the_wrong_thing_is_named_with_what_it_returned(
+    plugin_site, tmp_path, images, capsys, case
+):
+    plugin_site("dinotest-outputs", "dinotest_outputs", BROKEN_OUTPUTS)
+    args, message = BROKEN_OUTPUT_CASES[case]
+    run = tmp_path / "run"
+    code, stdout, stderr = dino(capsys, "pretrain", "--data", images, "--output", run, *TRAIN, *args)
+    line = bf.error_line(1, code, stderr, stdout)
+    assert line.startswith("error: " + message.format(checkpoint=run / "checkpoint.pth")), line
+
+
+def test_extract_refuses_features_of_another_width_than_the_backbone_says(plugin_site, tmp_path, images, capsys):
+    plugin_site("dinotest-outputs", "dinotest_outputs", BROKEN_OUTPUTS)
+    out = tmp_path / "f.safetensors"
+    code, stdout, stderr = dino(capsys, "extract", "--data", images, "--output", out, "--random-init", "--arch",
+                                "narrow_net", "--resize", "32", "--crop-size", "32", "--num-workers", "0")
+    assert bf.error_line(1, code, stderr, stdout) == (
+        "error: backbone Narrow returned a [8, 8] tensor for a batch of [8, 3, 32, 32]; a backbone returns "
+        "[images, embed_dim] = [8, 16]"
+    )
+    assert not out.exists()
 
 
 FLAKY_STRATEGY = """

@@ -270,6 +270,33 @@ def test_unknown_vit_width_asks_for_arch(tmp_path):
         dinocli.load_backbone(path)
 
 
+def test_raw_weights_of_a_plugin_backbone_load_with_arch(tmp_path):
+    """A layout no built-in backbone has: ``arch`` alone names the network (example plugin)."""
+    torch.manual_seed(1)
+    model = dinocli.create_backbone("example_cnn").eval()
+    path = tmp_path / "raw.pth"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(UsageError, match="cannot tell which backbone these weights belong to; pass --arch"):
+        dinocli.load_backbone(path)
+    loaded = dinocli.load_backbone(path, arch="example_cnn")
+    assert same_weights(loaded, model.state_dict())
+    assert torch.equal(loaded(X), model(X))
+
+
+def test_weights_naming_a_backbone_no_plugin_provides_say_so(tmp_path):
+    path = tmp_path / "from_a_plugin.safetensors"
+    save_file(
+        tiny_vit().state_dict(), str(path),
+        metadata={"dinocli.backbone": json.dumps({"name": "gone_net", "kwargs": {}})},
+    )
+    with pytest.raises(UsageError) as caught:
+        dinocli.load_backbone(path)
+    assert str(caught.value) == (
+        "these weights were saved from backbone 'gone_net', which no installed plugin provides; "
+        "install the plugin that provides it (see 'dino plugins')"
+    )
+
+
 class _RunsCodeWhenUnpickled:
     """Unpickling this calls ``os.mkdir(marker)``: a stand-in for arbitrary code."""
 

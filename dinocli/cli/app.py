@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from dinocli.errors import DinoError
+from dinocli.errors import DEBUG_ENV, DinoError, debug_enabled
 
 def examples_epilog(*lines: str) -> str:
     """A help epilog of example command lines, one per line as rich prints it."""
@@ -35,9 +36,6 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=True,
 )
-
-DEBUG_ENV = "DINOCLI_DEBUG"
-
 
 def _version(value: bool) -> None:
     if value:
@@ -87,16 +85,36 @@ def command(*, examples: tuple[str, ...] = (), **kwargs: Any) -> Callable[[Calla
                 fail("interrupted", 130)
             except DinoError as exc:
                 _maybe_traceback()
-                fail(str(exc), exc.exit_code)
+                fail(describe(exc), exc.exit_code)
             except Exception as exc:  # noqa: BLE001 - the last line of defence
                 _maybe_traceback()
-                fail(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)
+                hint = "" if debug_enabled() else " (run with --debug for the traceback)"
+                fail(describe(exc) + hint, 1)
 
         return app.command(**kwargs)(wrapper)
 
     return decorate
 
 
+#: How PyTorch re-raises an exception of a data-loading worker: its traceback inside the message.
+_WORKER_FAILURE = re.compile(r"Caught (\w+) in (DataLoader worker process \d+)\.\s+Original Traceback")
+
+
+def describe(exc: BaseException) -> str:
+    """The message of ``exc`` (prefixed with its type unless it is a :class:`DinoError`). An
+    exception from a data-loading worker is told by its own last line, not by the traceback that
+    PyTorch puts in its message."""
+    text = str(exc)
+    expected = isinstance(exc, DinoError)
+    if found := _WORKER_FAILURE.match(text):
+        kind, worker = found.groups()
+        last = next(line.strip() for line in reversed(text.splitlines()) if line.strip())
+        name, colon, message = last.partition(": ")
+        text = message if colon and name.split(".")[-1] == kind else last
+        return text if expected else f"{kind}: {text} (in {worker})"
+    return text if expected else f"{type(exc).__name__}: {text}"
+
+
 def _maybe_traceback() -> None:
-    if os.environ.get(DEBUG_ENV) == "1":
+    if debug_enabled():
         traceback.print_exc()

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from dinocli.cli.app import command
+from dinocli.errors import DinoError
 from dinocli.registry import KINDS, Registry, get_registry
 
 
@@ -32,7 +33,7 @@ def plugins_command(
     """List installed plugins and the backbones, augmentations, strategies, recipes and loggers they provide."""
     registry = get_registry()
     infos = sorted(registry.plugins.values(), key=lambda i: (not i.builtin, i.name))
-    expanded = _pattern_names(registry) if expand else {}
+    expanded, unlisted = _pattern_names(registry) if expand else ({}, {})
     if as_json:
         rows = []
         for info in infos:
@@ -40,8 +41,10 @@ def plugins_command(
             provides = row.pop("provides")
             row.pop("builtin")
             if expand:
-                mine = [p for names in provides.values() for p in names if p in expanded]
-                row["pattern_names"] = {p: expanded[p] for p in mine}
+                mine = [p for names in provides.values() for p in names]
+                row["pattern_names"] = {p: expanded[p] for p in mine if p in expanded}
+                if errors := {p: unlisted[p] for p in mine if p in unlisted}:
+                    row["pattern_errors"] = errors
             rows.append({**row, **provides})
         typer.echo(json.dumps({"plugins": rows}, indent=2))
         return
@@ -58,16 +61,25 @@ def plugins_command(
             info.name,
             info.distribution + (" (built-in)" if info.builtin else ""),
             info.version,
-            *(", ".join(_shown(n, expanded) for n in info.provides[k]) for k in KINDS),
+            *(", ".join(_shown(n, expanded, unlisted) for n in info.provides[k]) for k in KINDS),
             status,
         )
     Console().print(table)
 
 
-def _pattern_names(registry: Registry) -> dict[str, list[str]]:
-    """The names behind every registered pattern (``timm/*``), by pattern."""
-    return {f.pattern: f.names() for kind in KINDS for f in registry.families(kind)}
+def _pattern_names(registry: Registry) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """The names behind every registered pattern (``timm/*``), and why a pattern's plugin could not
+    list them, by pattern: one plugin's failure leaves the others listed."""
+    names, errors = {}, {}
+    for family in (f for kind in KINDS for f in registry.families(kind)):
+        try:
+            names[family.pattern] = family.names()
+        except DinoError as exc:
+            errors[family.pattern] = str(exc)
+    return names, errors
 
 
-def _shown(name: str, expanded: dict[str, list[str]]) -> str:
+def _shown(name: str, expanded: dict[str, list[str]], unlisted: dict[str, str]) -> str:
+    if name in unlisted:
+        return f"{name} [red](cannot list its names: {unlisted[name]})[/red]"
     return f"{name} ({len(expanded[name])} names)" if name in expanded else name

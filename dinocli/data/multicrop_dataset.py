@@ -42,7 +42,7 @@ from dinocli.augmentations.gpu import ColourParams, colour_batch, normalize
 from dinocli.data.images import DECODE_ERRORS, image_file, load_rgb, open_rgb, quiet_large_images, read_image_bytes
 from dinocli.data.shards import ShardMember, as_image
 from dinocli.errors import DinoError, UsageError
-from dinocli.interfaces import Augmentation
+from dinocli.interfaces import Augmentation, require_crops
 
 OnBadImage = Literal["skip", "fail"]
 
@@ -118,7 +118,9 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class MultiCropDataset(Dataset):
-    """Multi-crop views of ``paths``; ``dataset[i]`` is the list of crops, or ``None`` if skipped."""
+    """Multi-crop views of ``paths``; ``dataset[i]`` is the list of crops, or ``None`` if skipped.
+
+    ``name`` names the augmentation in errors (``augmentation 'x' from plugin 'p'``)."""
 
     def __init__(
         self,
@@ -129,11 +131,13 @@ class MultiCropDataset(Dataset):
         on_device: bool = False,
         levels: bool = False,
         colour_on_device: bool = False,
+        name: str | None = None,
     ) -> None:
+        self.name = name or f"augmentation {type(augmentation).__name__}"
         self.plans = all(hasattr(augmentation, m) for m in ("plan", "draft_factor", "crops", "colour"))
         if (on_device or colour_on_device) and not (self.plans and hasattr(augmentation, "specs")):
             raise UsageError(
-                f"augmentation {type(augmentation).__name__} cannot run on the device (it has no "
+                f"{self.name} cannot run on the device (it has no "
                 "crop plan and colour stages); use --augment-on cpu"
             )
         self.on_device = bool(on_device)
@@ -197,7 +201,13 @@ class MultiCropDataset(Dataset):
                 raise BadImageError(f"cannot decode image {path}: {exc}") from exc
             return None
         if not self.plans:
-            return aug(image, generator)
+            try:
+                crops = aug(image, generator)
+            except DinoError:
+                raise
+            except Exception as exc:
+                raise DinoError(f"{self.name} raised {type(exc).__name__} on {path}: {exc}") from exc
+            return require_crops(crops, aug, self.name)
         crops = aug.crops(image, params, scale=image.width / width)
         if self.colour_on_device:  # the device colours them: a quarter to a third of the work here
             return LevelViews(crops, aug.mean, aug.std, ColourParams.from_views(params))

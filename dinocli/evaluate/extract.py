@@ -28,6 +28,7 @@ from dinocli.data import ShardMember, list_labelled_images, open_rgb, quiet_larg
 from dinocli.data.shards import as_image
 from dinocli.errors import DinoError, UsageError
 from dinocli.evaluate.features_io import Features
+from dinocli.interfaces import require_embeddings
 from dinocli.runtime import autocast, resolve_device, resolve_precision, usable_cpus
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -100,7 +101,7 @@ def embed(
 ) -> torch.Tensor:
     """Features ``[B, D']`` of a preprocessed batch ``x`` (see the module docstring)."""
     if n_last_blocks == 1 and not avgpool_patch_tokens:
-        return model(x)
+        return require_embeddings(model(x), x, model, f"backbone {type(model).__name__}")
     if not hasattr(model, "get_intermediate_layers"):
         raise UsageError(
             f"{type(model).__name__} has no token outputs: --n-last-blocks and "
@@ -346,7 +347,7 @@ def backbone_for_eval(
     must beat).
     """
     from dinocli.registry import create_backbone
-    from dinocli.weights import build_backbone, infer_backbone_spec, read_backbone_weights
+    from dinocli.weights import build_backbone, read_backbone_weights, resolve_backbone_spec
 
     if checkpoint_key not in ("teacher", "student"):
         raise UsageError(f"--checkpoint-key must be teacher or student, got {checkpoint_key!r}")
@@ -377,12 +378,7 @@ def backbone_for_eval(
     if weights is None:
         raise UsageError("give --weights (a checkpoint or exported backbone), or --random-init --arch NAME")
     loaded = read_backbone_weights(weights, checkpoint_key)
-    spec = dict(loaded.spec) if loaded.spec else infer_backbone_spec(loaded.state_dict)
-    spec["kwargs"] = dict(spec.get("kwargs", {}))
-    if arch is not None:
-        spec["name"] = arch
-    if patch_size is not None:
-        spec["kwargs"]["patch_size"] = patch_size
+    spec = resolve_backbone_spec(loaded, arch, patch_size)
     model = build_backbone(loaded, arch, patch_size).eval()
     info = {
         "backbone": spec,

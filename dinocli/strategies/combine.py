@@ -97,7 +97,7 @@ def _provider_message(names: list[str], providers: list[str]) -> str:
     if not providers:
         return (
             f"--collapse {spec!r} has no strategy that makes teacher targets "
-            f"({', '.join(names)} only add a regulariser); add exactly one target provider, "
+            f"({', '.join(names)} only {'adds' if len(names) == 1 else 'add'} a regulariser); add exactly one target provider, "
             f"e.g. --collapse centering,{spec} or sinkhorn-knopp,{spec}"
         )
     return (

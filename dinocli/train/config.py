@@ -10,12 +10,12 @@ import dataclasses
 import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from dinocli.errors import UsageError, unknown_name
+from dinocli.errors import DinoError, UsageError, unknown_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -186,7 +186,7 @@ def _defaults() -> dict[str, Any]:
 def coerce(name: str, value: Any, source: str) -> Any:
     """``value`` converted to the type of option ``name``; a clear error when it does not fit."""
     if name not in FIELDS:
-        raise unknown_name(f"option in {source}", name, FIELDS)
+        raise unknown_name("option", name, FIELDS, where=f"in {source}")
     default = _defaults()[name]
     where = f"{name!r} in {source}"
     if isinstance(default, bool):
@@ -240,6 +240,8 @@ def resolve_config(
 
     ``explain`` receives one line per value the recipe sets, with the reason.
     """
+    from dinocli.registry import get_registry
+
     explicit: dict[str, Any] = dict(load_toml(file)) if file else {}
     for key, value in (overrides or {}).items():
         explicit[key] = coerce(key, value, "the options")
@@ -248,7 +250,7 @@ def resolve_config(
     for key, (value, reason) in recipe_values(name, explicit).items():
         if key in explicit:
             continue
-        values[key] = coerce(key, value, f"recipe {name!r}")
+        values[key] = coerce(key, value, get_registry().describe("recipes", name))
         if explain is not None:
             shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
             explain(f"recipe {name}: {key} = {shown}  ({reason})")
@@ -271,10 +273,18 @@ def recipe_values(name: str, explicit: dict[str, Any]) -> dict[str, tuple[Any, s
     if data is not None and (data.is_dir() or shard_paths(data) is not None):
         stats = describe_data(data)
         context.update(n_images=stats.n_images, image_size=stats.image_size)
+    what = get_registry().describe("recipes", name)
     try:
         chosen = entry.factory(**context)
+    except DinoError:
+        raise
     except Exception as exc:
-        raise UsageError(f"recipe {name!r} from plugin {entry.plugin!r} failed: {exc}") from exc
+        raise DinoError(f"{what} failed to build: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(chosen, Mapping) or not all(isinstance(key, str) for key in chosen):
+        raise DinoError(
+            f"{what} is broken: its factory must return a mapping of option names to values, got "
+            f"{type(chosen).__name__}"
+        )
     return {
         key: value if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], str)
         else (value, "")

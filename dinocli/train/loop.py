@@ -6,7 +6,7 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +35,7 @@ from dinocli.errors import DinoError, UsageError
 from dinocli.heads import DINOHead
 from dinocli.io import atomic_write_text, check_output_path, make_folder
 from dinocli.loggers import open_loggers
-from dinocli.registry import create_augmentation, create_backbone
+from dinocli.registry import create_augmentation, create_backbone, get_registry
 from dinocli.runtime import TimedIterator, autocast, resolve_precision, training_workers
 from dinocli.train.checkpoint import (
     BACKBONE_SPEC_KEY,
@@ -130,12 +130,14 @@ class Trainer:
         if isinstance(patch := getattr(student_backbone, "patch_size", None), int):  # before any step
             crop = min([cfg.global_crop_size] + [cfg.local_crop_size] * bool(self.augmentation.n_local))
             require_whole_patch(crop, crop, patch)
+        backbone_name = get_registry().describe("backbones", cfg.arch)
         self.student = MultiCropNetwork(
             student_backbone,
             DINOHead(embed_dim, cfg.out_dim, cfg.use_bn_in_head, cfg.norm_last_layer),
+            name=backbone_name,
         )
         self.teacher = MultiCropNetwork(
-            teacher_backbone, DINOHead(embed_dim, cfg.out_dim, cfg.use_bn_in_head)
+            teacher_backbone, DINOHead(embed_dim, cfg.out_dim, cfg.use_bn_in_head), name=backbone_name
         )
         if cfg.init_from:
             self._init_from(cfg.init_from)
@@ -244,6 +246,7 @@ class Trainer:
             self.paths, self.augmentation, seed=self.cfg.seed if seed is None else seed,
             on_bad_image=self.cfg.on_bad_image, on_device=self.cfg.augment_on == "gpu",
             colour_on_device=self.cfg.augment_on == "split", levels=self.device.type == "cuda",
+            name=get_registry().describe("augmentations", self.cfg.augmentation),
         )  # fmt: skip
 
     def _loader(self) -> DataLoader:
@@ -459,10 +462,12 @@ class Trainer:
             with noise:  # stochastic depth per sample, whatever the number of processes
                 student_emb, student_logits = self.model(views)
         teacher_logits = teacher_logits.float()
-        targets = self._call_strategy("targets", teacher_logits, temp)
+        targets = self._call_strategy("targets", teacher_logits, temp, check=_like(teacher_logits))
         loss = multicrop_cross_entropy(student_logits, targets, self.n_crops, STUDENT_TEMP)
         n_global_rows = teacher_logits.shape[0]
-        reg = self._call_strategy("regularizer", student_emb[:n_global_rows].float(), student_logits.float())
+        reg = self._call_strategy(
+            "regularizer", student_emb[:n_global_rows].float(), student_logits.float(), check=_scalar_or_none
+        )
         if reg is not None:
             loss = loss + reg
         # All processes agree on the mean loss, on stopping, and on going on; read by settle().
@@ -489,7 +494,8 @@ class Trainer:
         if not diagnose:
             return self.settle(keep=1), {}
         losses = self.settle()
-        extra = {k: float(v) for k, v in self._call_strategy("metrics").items()}
+        self._require_probabilities(targets)
+        extra = self._call_strategy("metrics", check=_numbers)
         extra.update(
             batch_diagnostics(targets, student_logits.detach(), teacher_emb, self.n_crops, STUDENT_TEMP)
         )
@@ -521,26 +527,42 @@ class Trainer:
             losses.append(agreed.loss)
         return losses
 
-    def _call_strategy(self, method: str, *args: Any) -> Any:
-        """``self.strategy.<method>(*args)``; a failure names the plugin behind ``--collapse``."""
+    def _call_strategy(self, method: str, *args: Any, check: Callable[[Any], Any] | None = None) -> Any:
+        """``self.strategy.<method>(*args)``, as ``check`` takes it (it raises ``ValueError`` with what
+        is wrong); a failure or a wrong result names the plugin behind ``--collapse``."""
         try:
-            return getattr(self.strategy, method)(*args)
+            result = getattr(self.strategy, method)(*args)
         except DinoError:
             raise
         except Exception as exc:
-            from dinocli.registry import get_registry
-            from dinocli.strategies.combine import parse_collapse
+            raise self._strategy_error(f"raised in {method}()", f"{type(exc).__name__}: {exc}") from exc
+        if check is None:
+            return result
+        try:
+            return check(result)
+        except ValueError as exc:
+            raise self._strategy_error(f"returned {exc} from {method}()", _CONTRACTS[method]) from None
 
-            registry = get_registry()
-            plugins = sorted({registry.get("collapse_strategies", n).plugin
-                              for n in parse_collapse(self.cfg.collapse)})
-            word = "plugin" if len(plugins) == 1 else "plugins"
-            raise DinoError(
-                f"collapse strategy {self.cfg.collapse!r} from {word} "
-                f"{', '.join(repr(p) for p in plugins)} raised in {method}() at epoch "
-                f"{self.epoch + 1}, iteration {self.iteration + 1}: {type(exc).__name__}: {exc}; "
-                f"the last checkpoint ({self.out / LATEST}) is intact"
-            ) from exc
+    def _require_probabilities(self, targets: torch.Tensor) -> None:
+        """Targets must be rows of probabilities (read at logged iterations, which wait anyway)."""
+        low, worst = torch.stack([targets.min(), (targets.sum(-1) - 1).abs().max()]).tolist()
+        if low < 0 or not worst <= 1e-3:
+            raise self._strategy_error(
+                f"returned targets that are not probabilities (smallest value {low:.4g}, a row sum "
+                f"{worst:.4g} away from 1) from targets()", _CONTRACTS["targets"]
+            )
+
+    def _strategy_error(self, what: str, detail: str) -> DinoError:
+        from dinocli.strategies.combine import parse_collapse
+
+        registry = get_registry()
+        plugins = sorted({registry.get("collapse_strategies", n).plugin for n in parse_collapse(self.cfg.collapse)})
+        word = "plugin" if len(plugins) == 1 else "plugins"
+        return DinoError(
+            f"collapse strategy {self.cfg.collapse!r} from {word} {', '.join(repr(p) for p in plugins)} "
+            f"{what} at epoch {self.epoch + 1}, iteration {self.iteration + 1}: {detail}; "
+            f"the last checkpoint ({self.out / LATEST}) is intact"
+        )
 
     def _monitor_knn(self) -> dict[str, Any] | None:
         """The teacher's k-NN top-1 when ``--knn-every`` says so (main process; logged, shown and
@@ -624,6 +646,47 @@ class Trainer:
     def close(self) -> None:
         self.display.close()
         self.metrics.close()
+
+
+#: What each strategy method must return, for the error when it does not.
+_CONTRACTS = {
+    "targets": "targets() returns probabilities of the teacher logits' shape, rows summing to 1",
+    "regularizer": "regularizer() returns a scalar tensor or None",
+    "metrics": "metrics() returns a dict of numbers",
+}
+
+
+def _shape_of(value: Any) -> str:
+    return f"a {list(value.shape)} tensor" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
+
+
+def _like(reference: torch.Tensor) -> Callable[[Any], torch.Tensor]:
+    """A check that a result is a tensor of ``reference``'s shape."""
+
+    def check(value: Any) -> torch.Tensor:
+        if isinstance(value, torch.Tensor) and value.shape == reference.shape:
+            return value
+        raise ValueError(f"{_shape_of(value)} for {list(reference.shape)} teacher logits")
+
+    return check
+
+
+def _scalar_or_none(value: Any) -> torch.Tensor | None:
+    if value is None or (isinstance(value, torch.Tensor) and value.ndim == 0):
+        return value
+    raise ValueError(_shape_of(value))
+
+
+def _numbers(value: Any) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise ValueError(f"a {type(value).__name__}")
+    numbers = {}
+    for key, number in value.items():
+        try:
+            numbers[str(key)] = float(number)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{_shape_of(number)} as {key!r}") from None
+    return numbers
 
 
 def _is_cnn(backbone: nn.Module) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dinocli.interfaces import require_embeddings
+
 
 class MultiCropNetwork(nn.Module):
     """Backbone + head over a list of views; views of the same size share one backbone pass.
@@ -12,10 +14,11 @@ class MultiCropNetwork(nn.Module):
     State-dict keys are ``backbone.*`` and ``head.*``, as the reference ``MultiCropWrapper``.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module, name: str = "the backbone") -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.name = name  # in the error for an output of the wrong shape
 
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(embeddings, logits)``, each with the views stacked in order: ``[len(views) * B, ...]``."""
@@ -25,7 +28,8 @@ class MultiCropNetwork(nn.Module):
             end = start
             while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
                 end += 1
-            embeddings.append(self.backbone(torch.cat(views[start:end])))
+            batch = torch.cat(views[start:end])
+            embeddings.append(require_embeddings(self.backbone(batch), batch, self.backbone, self.name))
             start = end
         emb = torch.cat(embeddings)
         return emb, self.head(emb)

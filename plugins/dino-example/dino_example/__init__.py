@@ -3,7 +3,7 @@
 dinocli finds this module through the entry point ``example = "dino_example"`` in the group
 ``dinocli`` (see ``pyproject.toml``) and calls the three hook implementations below. Each one
 registers a factory under a name; dinocli calls the factory with keyword arguments when a user
-picks that name (``--arch example_cnn``, ``--augmentation example_simple``, ``--strategy me-max``).
+picks that name (``--arch example_cnn``, ``--augmentation example_simple``, ``--collapse centering,me-max``).
 """
 
 from __future__ import annotations
