@@ -50,6 +50,13 @@ def _why(folder: Path, exc: OSError) -> str:
     return f"{blocker} is a file, not a folder" if blocker else exc.strerror or str(exc)
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; on success it replaces ``target`` atomically.
@@ -65,6 +72,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         raise DinoError(f"cannot write {target}: {_why(target.parent, exc)}") from exc
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp's 0600 would outlive the rename
     try:
         yield tmp_path
         try:
@@ -97,6 +105,7 @@ def atomic_folder(target: str | Path, replace: bool = False) -> Iterator[Path]:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would outlive the rename
     except OSError as exc:
         raise DinoError(f"cannot write {target}: {_why(target.parent, exc)}") from exc
     old = target.with_name(f"{tmp.name}.old")

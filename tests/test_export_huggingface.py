@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -162,3 +163,24 @@ def test_atomic_folder_keeps_the_old_folder_when_writing_fails(tmp_path):
     with atomic_folder(target, replace=True) as tmp:
         (tmp / "new.txt").write_text("new")
     assert [p.name for p in target.iterdir()] == ["new.txt"] and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_extract_reads_a_hugging_face_folder_as_weights(tmp_path, cli):
+    from PIL import Image
+
+    from dinocli.evaluate.features_io import load_features
+
+    export_backbone(weights_file(tmp_path, tiny_vit()), tmp_path / "hf", format="huggingface")
+    data = tmp_path / "data" / "a"
+    data.mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (40, 36), (40 * i, 90, 200)).save(data / f"{i}.png")
+    result = cli.invoke(app, ["extract", "-w", str(tmp_path / "hf"), "-d", str(tmp_path / "data"), "-o",
+                              str(tmp_path / "f.safetensors"), "--resize", "32", "--crop-size", "32",
+                              "--num-workers", "0", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    features = load_features(tmp_path / "f.safetensors")
+    assert features.features.shape == (2, 192)
+    weights = hashlib.sha256((tmp_path / "hf" / "model.safetensors").read_bytes()).hexdigest()
+    assert features.metadata["weights_sha256"] == weights
+

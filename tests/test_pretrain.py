@@ -219,3 +219,22 @@ def test_cli_end_to_end(images, tmp_path):
     assert again.returncode == 0, again.stderr
     assert "resuming from" in again.stderr
     assert torch.load(run / "checkpoint.pth", weights_only=True)["epoch"] == 2
+
+
+def test_rerunning_a_finished_run_says_there_is_nothing_to_do(images, tmp_path):
+    from typer.testing import CliRunner
+
+    from dinocli.cli import app
+    from dinocli.train.config import to_toml
+
+    run = tmp_path / "run"
+    toml = tmp_path / "run.toml"
+    toml.write_text(to_toml(config(images, run, epochs=1)))
+    first = CliRunner().invoke(app, ["pretrain", "--config", str(toml)])
+    assert first.exit_code == 0, first.output
+    assert "last epoch loss" in first.stdout and "nan" not in first.stdout
+    again = CliRunner().invoke(app, ["pretrain", "--config", str(toml)])
+    assert again.exit_code == 0, again.output
+    assert "nan" not in again.stdout
+    assert f"{run / 'checkpoint.pth'} has already trained 1 epoch(s)" in again.stdout
+    assert "nothing to do: raise --epochs to train further" in again.stdout

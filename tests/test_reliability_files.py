@@ -559,3 +559,20 @@ def test_strategy_that_raises_during_training_is_named_and_the_checkpoint_kept(
     )
     ckpt = torch.load(run / "checkpoint.pth", weights_only=True)
     assert (ckpt["epoch"], ckpt["iteration"], ckpt["config"]["collapse"]) == (1, 2, "flaky")
+
+
+def test_written_files_and_folders_have_the_umask_permissions_not_the_temporary_ones(tmp_path):
+    import os
+
+    from dinocli.io import atomic_folder, atomic_path
+
+    previous = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "weights.safetensors") as tmp:
+            tmp.write_bytes(b"x")
+        with atomic_folder(tmp_path / "hf") as tmp:
+            (tmp / "config.json").write_text("{}")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "weights.safetensors").stat().st_mode & 0o777 == 0o644  # mkstemp makes 0600
+    assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o755  # mkdtemp makes 0700

@@ -66,6 +66,12 @@ def pretrain_command(**options: Any) -> None:
     result = pretrain(cfg)
     if not main_process:
         return  # under torchrun, the first process reports
+    if not result.history:  # resumed a run that had already reached --epochs
+        typer.echo(
+            f"{result.checkpoint} has already trained {result.epochs} epoch(s) ({result.iterations} "
+            "iterations); nothing to do: raise --epochs to train further"
+        )
+        return
     typer.echo(
         f"trained {result.epochs} epoch(s), {result.iterations} iterations; "
         f"last epoch loss {result.last_loss:.4f}\ncheckpoint: {result.checkpoint}"

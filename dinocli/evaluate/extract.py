@@ -296,9 +296,12 @@ def extract_folder(model: nn.Module, root: str | Path, **options: Any) -> Featur
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """The hex sha256 of a file, read in chunks."""
+    """The hex sha256 of a file, read in chunks (of a Hugging Face folder: its weights file)."""
+    from dinocli.export.huggingface import WEIGHTS
+
+    path = Path(path)
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(path / WEIGHTS if path.is_dir() else path, "rb") as f:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
