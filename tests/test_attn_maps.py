@@ -483,3 +483,17 @@ def test_python_api_report_from_pil_images(weights, tmp_path):
         assert set(r.files) == {"image", "attn-head1", "attn-mean", "grid", "attention"}
         assert all(p.is_file() for p in r.files.values())
     assert report.index.read_text().count("<section") == 2
+
+
+def test_cli_checks_the_output_before_the_model_and_prints_one_line(cli, weights, tmp_path, rgb_image):
+    path, _ = weights
+    rgb_image.save(tmp_path / "one.png")
+    (tmp_path / "afile").write_text("x")
+    for weights_path in (tmp_path / "missing.pth", path):  # the output is refused before the model is read
+        result = cli.invoke(app, ["attn-maps", "-w", str(weights_path), str(tmp_path / "one.png"),
+                                  "-o", str(tmp_path / "afile")])
+        assert result.exit_code == 2, result.output
+        assert result.stderr.splitlines() == [f"error: --output {tmp_path / 'afile'} is a file; give a folder"]
+    broken = cli.invoke(app, ["attn-maps", "-w", str(path), str(tmp_path / "one.png"), "-o",
+                              str(tmp_path / "o"), "--heads", "7"])
+    assert broken.exit_code == 2 and len(broken.stderr.splitlines()) == 1  # no blank line of a progress bar

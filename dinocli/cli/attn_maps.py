@@ -68,6 +68,7 @@ def attn_maps_command(
     device: Device = "auto",
 ) -> None:
     """Show what each attention head of a ViT looks at: maps, masks, overlays and an index page."""
+    from dinocli.io import check_output_path
     from dinocli.visualize import load_attention_backbone, resolve_size, write_attention_pages
     from dinocli.visualize.attention_pages import check_page_options
 
@@ -75,6 +76,7 @@ def attn_maps_command(
     check_page_options(colormap, upsample_mode, threshold, batch_size)
     chosen_heads = parse_heads(heads) if heads is not None else None
     paths = collect_images(images)
+    check_output_path(output, "--output", folder=True)  # before the model is read
     model = load_attention_backbone(weights, arch, patch_size, checkpoint_key)
     from dinocli.runtime import resolve_device
 
@@ -83,13 +85,15 @@ def attn_maps_command(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    console = Console(stderr=True)
     with Progress(
         TextColumn("attention maps"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
-        console=Console(stderr=True),
+        console=console,
         transient=True,
+        disable=not console.is_terminal,  # a log gets no progress bar, nor the blank line it leaves
     ) as progress:
         task = progress.add_task("images", total=len(paths))
         report = write_attention_pages(
