@@ -82,9 +82,12 @@ def read_backbone_weights(path: str | Path, checkpoint_key: str = "teacher") -> 
     from dinocli.export.huggingface import is_huggingface_folder, read_huggingface_folder
 
     if is_huggingface_folder(Path(path)):
+        _one_network(path, checkpoint_key)
         state, meta, spec = read_huggingface_folder(Path(path))
         return BackboneWeights(state, {}, spec, meta)
     path = _existing(path)
+    if _is_safetensors(path) or _is_torchscript(path):
+        _one_network(path, checkpoint_key)
     if _is_safetensors(path):
         tensors, meta = _read_safetensors(path)
         spec = json.loads(meta[BACKBONE_SPEC_KEY]) if BACKBONE_SPEC_KEY in meta else None
@@ -104,6 +107,7 @@ def read_backbone_weights(path: str | Path, checkpoint_key: str = "teacher") -> 
         metadata = {k: v for k, v in obj.items() if not isinstance(v, dict) or k == "config"}
         state = obj[checkpoint_key]
     elif _all_tensors(obj):
+        _one_network(path, checkpoint_key)
         state = obj
     else:
         subdicts = sorted(k for k, v in obj.items() if isinstance(v, dict) and _all_tensors(v))
@@ -114,6 +118,15 @@ def read_backbone_weights(path: str | Path, checkpoint_key: str = "teacher") -> 
     backbone, head = _split(state)
     used_key = checkpoint_key if state is not obj else None
     return BackboneWeights(backbone, head, spec, metadata, used_key)
+
+
+def _one_network(path: str | Path, checkpoint_key: str) -> None:
+    """A file that holds one network has no student: asking for it is an error, not ignored."""
+    if checkpoint_key != "teacher":
+        raise UsageError(
+            f"{path} holds one network, not a training checkpoint with teacher and student: "
+            f"drop --checkpoint-key {checkpoint_key}"
+        )
 
 
 def build_backbone(

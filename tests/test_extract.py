@@ -154,7 +154,7 @@ def test_cli_writes_a_complete_features_file(tmp_path: Path, cli) -> None:
     result = cli.invoke(
         app,
         ["extract", "-w", str(weights), "-d", str(root), "-o", str(out), "--resize", "36", "--crop-size", "32",
-         "--dtype", "float16", "--num-workers", "0", "--device", "cpu", "--precision", "fp32"],
+         "--dtype", "fp16", "--num-workers", "0", "--device", "cpu", "--precision", "fp32"],
     )
     assert result.exit_code == 0, result.output
     assert f"wrote 4 x 192 features (2 classes) to {out}" in result.stdout
@@ -206,7 +206,7 @@ def test_cli_reads_the_checkpoint_key_of_a_training_checkpoint(tmp_path: Path, c
         (["--precision", "fp16", "--device", "cpu"], 2, "--precision fp16 needs a CUDA device"),
         (["--resize", "16"], 2, "--resize (16) must be at least --crop-size (32)"),
         (["--n-last-blocks", "13"], 2, "--n-last-blocks must be between 1 and the depth (the backbone has 12 blocks)"),
-        (["--dtype", "int8"], 2, "--dtype must be float32 or float16"),
+        (["--dtype", "int8"], 2, "--dtype must be fp32 or fp16"),
         (["--interpolation", "cubic"], 2, "unknown interpolation 'cubic'"),
         (["--no-weights"], 2, "give --weights (a checkpoint or exported backbone), or --random-init --arch NAME"),
         (["--weights", "{missing}"], 2, "weights file not found"),

@@ -121,8 +121,11 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path: Path, cli, setup: st
 
 
 def test_cli_input_forms_and_evaluate_errors(tmp_path: Path, cli) -> None:
-    write_features(tmp_path / "t.safetensors", 30, 8, 3, seed=1)
+    write_features(tmp_path / "t.safetensors", 30, 8, 3, seed=1, weights="a.pth", weights_sha256="a" * 64)
     other = write_features(tmp_path / "v4.safetensors", 30, 8, 3, seed=2, n_last_blocks=4)
+    write_features(tmp_path / "b.safetensors", 30, 8, 3, seed=2, weights="b.pth", weights_sha256="b" * 64)
+    b = str(tmp_path / "b.safetensors")
+    torch.save({"teacher": {}}, tmp_path / "checkpoint.pth")
     clf = tmp_path / "clf.safetensors"
     ok = cli.invoke(app, ["linear", "--train", str(tmp_path / "t.safetensors"), "--val", str(tmp_path / "t.safetensors"),
                           "--lr", "0.1", "--holdout", "0", "--epochs", "1", "-o", str(clf)])  # fmt: skip
@@ -140,6 +143,11 @@ def test_cli_input_forms_and_evaluate_errors(tmp_path: Path, cli) -> None:
         (["--evaluate", str(clf)], "--evaluate needs --val"),
         (["--evaluate", str(clf), "--val", str(tmp_path / "v4.safetensors")], "--n-last-blocks 1, these have 4"),
         (["--evaluate", str(tmp_path / "t.safetensors"), "--val", t], "not a dinocli linear classifier"),
+        (["--evaluate", str(clf), "--val", b], "the classifier was trained on features extracted differently "
+                                               "(different weights files (sha256 aaaaaaaaaaaa vs bbbbbbbbbbbb: a.pth vs b.pth))"),
+        (["--train", t, "--val", b], "the train and val features were extracted differently (different weights files"),
+        (["--train", str(tmp_path / "checkpoint.pth"), "--val", t], "checkpoint.pth is a PyTorch checkpoint, not a "
+                                                                     "features file: give weights as --weights"),
         (["--train", t, "--val", t, "-o", str(tmp_path)], "is a folder"),
         (["--train", t, "--val", t, "--json", str(tmp_path)], f"--json {tmp_path} is a folder; give a file name"),
         (["--mode", "reference", "--lr", "1", "--lr", "2", *TINY_VIT, "--train-data", str(empty), "--val-data",

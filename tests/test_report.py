@@ -83,6 +83,8 @@ def test_report_output_option_and_run_without_diagnostics(tmp_path, cli):
     ("setup", "message"),
     [
         ("missing", "run folder not found"),
+        ("metrics-file", "{tmp}/run/metrics.jsonl is a file; give the run folder that holds metrics.jsonl "
+                         "(its folder {tmp}/run?)"),
         ("no-metrics", "metrics.jsonl not found"),
         ("empty", "holds no metrics yet"),
         ("output-file", "--output {tmp}/taken is a file; give a folder"),
@@ -100,6 +102,9 @@ def test_report_errors_are_one_line_with_exit_code_2(tmp_path, cli, setup, messa
         write_run(run)
         (tmp_path / "taken").write_text("not a folder")
         extra = ["--output", str(tmp_path / ("taken" if setup == "output-file" else "taken/report"))]
+    if setup == "metrics-file":
+        write_run(run)
+        run = run / "metrics.jsonl"
     message = message.format(tmp=tmp_path)
     result = cli.invoke(app, ["report", str(run), *extra])
     assert result.exit_code == 2

@@ -107,6 +107,17 @@ def test_missing_checkpoint_key_lists_the_choices(tmp_path):
         dinocli.load_backbone(path, checkpoint_key="ema")
 
 
+def test_student_of_a_file_with_one_network_is_an_error_not_the_teacher(tmp_path):
+    model = tiny_vit()
+    plain, tensors = tmp_path / "backbone.pth", tmp_path / "backbone.safetensors"
+    torch.save(model.state_dict(), plain)
+    save_file(dict(model.state_dict()), str(tensors))
+    for path in (plain, tensors):
+        assert same_weights(dinocli.load_backbone(path), model.state_dict())  # the default key: the one network
+        with pytest.raises(UsageError, match=r"holds one network, not a training checkpoint .*drop --checkpoint-key student"):
+            read_backbone_weights(path, checkpoint_key="student")
+
+
 def test_dinocli_training_checkpoint_uses_its_backbone_spec(tmp_path):
     teacher, student = tiny_vit(8, 32, seed=1), tiny_vit(8, 32, seed=2)
     path = tmp_path / "checkpoint.pth"

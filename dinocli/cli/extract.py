@@ -134,6 +134,17 @@ def input_form(train: Path | None, val: Path | None, train_data: Path | None, va
     return "files" if from_files else "images" if from_images else None
 
 
+def load_feature_pair(train: Path, val: Path) -> tuple[Any, Any]:
+    """The train and val features files, read; a warning where their preprocessing differs."""
+    from dinocli.evaluate.features_io import load_features, preprocessing_difference
+
+    train_feats, val_feats = load_features(train), load_features(val)
+    difference = preprocessing_difference(train_feats.metadata, val_feats.metadata)
+    if difference is not None:
+        typer.echo(f"warning: the train and val features were preprocessed differently ({difference})", err=True)
+    return train_feats, val_feats
+
+
 @command(
     name="extract",
     rich_help_panel=PANEL,
@@ -169,8 +180,8 @@ def extract_command(
     n_last_blocks: NLastBlocks = 1,
     avgpool_patch_tokens: AvgPool = False,
     dtype: Annotated[
-        str, typer.Option("--dtype", help="Stored dtype: float32 or float16.", rich_help_panel="Features")
-    ] = "float32",
+        str, typer.Option("--dtype", help="Stored dtype: fp32 or fp16 (half the size).", rich_help_panel="Features")
+    ] = "fp32",
     batch_size: BatchSize = 64,
     num_workers: NumWorkers = None,
     precision: Precision = "auto",
@@ -181,9 +192,10 @@ def extract_command(
 
     from dinocli.evaluate.features_io import save_features
 
-    dtypes = {"float32": torch.float32, "float16": torch.float16}
+    # fp32/fp16 as in --precision and 'dino export --dtype'; float32/float16 kept from earlier versions
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "float32": torch.float32, "float16": torch.float16}
     if dtype not in dtypes:
-        raise UsageError(f"--dtype must be float32 or float16, got {dtype!r}")
+        raise UsageError(f"--dtype must be fp32 or fp16, got {dtype!r}")
     check_output_path(output, "--output")
     options = dict(
         resize=resize,

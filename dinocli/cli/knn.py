@@ -38,6 +38,7 @@ from dinocli.cli.extract import (
     check_before_loading,
     extract_with_progress,
     input_form,
+    load_feature_pair,
     load_model,
 )
 from dinocli.errors import UsageError
@@ -126,13 +127,13 @@ def knn_command(
     ] = 4096,
 ) -> None:
     """Classify val images by a weighted vote of their nearest train images (the DINO k-NN)."""
-    from dinocli.evaluate.features_io import load_features, require_same_classes
+    from dinocli.evaluate.features_io import require_same_classes
     from dinocli.evaluate.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, IndexSpec, knn_features
 
     check_output_path(json_out, "--json")
     form = input_form(train, val, train_data, val_data)
     if form == "files":
-        train_feats, val_feats = load_features(train), load_features(val)
+        train_feats, val_feats = load_feature_pair(train, val)
     elif form == "images":
         options = dict(
             resize=resize,

@@ -32,6 +32,7 @@ from dinocli.cli.extract import (
     check_before_loading,
     extract_with_progress,
     input_form,
+    load_feature_pair,
     load_model,
     progress_bar,
 )
@@ -188,9 +189,7 @@ def linear_command(
         return
     form = input_form(train, val, train_data, val_data)
     if form == "files":
-        from dinocli.evaluate.features_io import load_features
-
-        train_feats, val_feats = load_features(train), load_features(val)
+        train_feats, val_feats = load_feature_pair(train, val)
         report = _train_on_features(mode, train_feats, val_feats, lr, weight_decay, epochs, linear_batch_size,
                                     holdout, refit, val_every, seed, device, precision)  # fmt: skip
         if mode == "reference":
@@ -293,9 +292,13 @@ def _load_val(val, val_data, extract_options, model_options):
 
 
 def _evaluate(classifier, val_feats, json_out: Path | None) -> None:
+    from dinocli.evaluate.features_io import preprocessing_difference
     from dinocli.evaluate.linear import check_features_match
 
     check_features_match(classifier, val_feats)
+    difference = preprocessing_difference(classifier.metadata.get("features", {}), val_feats.metadata)
+    if difference is not None:
+        typer.echo(f"warning: the classifier's train features were preprocessed differently ({difference})", err=True)
     top1, top5 = classifier.accuracy(val_feats)
     if json_out is not None:
         _write_json(json_out, {"top1": top1, "top5": top5, "num_val": len(val_feats), "num_classes": classifier.num_classes})

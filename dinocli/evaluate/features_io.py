@@ -92,10 +92,14 @@ def load_features(path: str | Path) -> Features:
         raise UsageError(f"features file not found: {path}")
     if path.is_dir():
         raise UsageError(f"{path} is a folder, not a features file")
+    if _is_torch_file(path):
+        raise UsageError(f"{path} is a PyTorch checkpoint, not a features file: {_WEIGHTS_HINT}")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             keys = set(f.keys())
             meta = f.metadata() or {}
+            if not keys & {"features", "labels"}:
+                raise UsageError(f"{path} holds {len(keys)} other tensors, not features: {_WEIGHTS_HINT}")
             if not {"features", "labels"} <= keys:
                 raise UsageError(
                     f"{path} is not a dinocli features file: it lacks the "
@@ -124,6 +128,22 @@ def load_features(path: str | Path) -> Features:
     return Features(features, labels.to(torch.int64), list(classes), list(paths), info)
 
 
+_WEIGHTS_HINT = (
+    "give weights as --weights (with --train-data/--val-data), or write features with 'dino extract'"
+)
+
+
+def _is_torch_file(path: Path) -> bool:
+    """Whether ``path`` starts like a ``torch.save`` file (a zip archive or a legacy pickle) and not
+    like safetensors (an 8-byte header length, then the JSON header's ``{``)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return head[8:9] != b"{" and (head[:4] == b"PK\x03\x04" or head[:1] == b"\x80")
+
+
 def require_same_classes(train: list[str], val: list[str]) -> None:
     """A one-line error unless the train and val class names (where both have them) are the same list."""
     if not train or not val or list(train) == list(val):
@@ -135,6 +155,54 @@ def require_same_classes(train: list[str], val: list[str]) -> None:
         longer, name = (train, "train") if len(train) > len(val) else (val, "val")
         where = f"only {name} has {longer[min(len(train), len(val))]!r}"
     raise UsageError(f"the train and val sets have different classes ({len(train)} vs {len(val)}: {where})")
+
+
+def model_difference(first: dict[str, Any], second: dict[str, Any]) -> str | None:
+    """How two features' metadata (or a classifier's) name different networks or token options,
+    or ``None`` where they agree or do not say (files from before this metadata)."""
+    if "weights_sha256" in first and "weights_sha256" in second:
+        a, b = first["weights_sha256"], second["weights_sha256"]
+        if a != b:
+            names = f": {first.get('weights')} vs {second.get('weights')}" if first.get("weights") else ""
+            return f"different weights files (sha256 {a[:12]} vs {b[:12]}{names})"
+        keys: tuple[str, ...] = ("checkpoint_key",)
+    elif "weights" in first and "weights" in second and first["weights"] != second["weights"]:
+        return f"weights {first['weights'] or 'none'} vs {second['weights'] or 'none'}"  # one has no weights file
+    else:
+        keys = ("backbone", "seed")
+    for key in (*keys, "n_last_blocks", "avgpool_patch_tokens"):
+        if key in first and key in second and first[key] != second[key]:
+            return f"{key.replace('_', ' ')} {_brief(first[key])} vs {_brief(second[key])}"
+    return None
+
+
+def require_same_model(train: Features, val: Features) -> None:
+    """A one-line error where the train and val features come from different networks, checkpoint
+    keys or token options: their accuracy would compare two unrelated feature spaces."""
+    difference = model_difference(train.metadata, val.metadata)
+    if difference is not None:
+        raise UsageError(
+            f"the train and val features were extracted differently ({difference}); "
+            "extract both with the same --weights and options"
+        )
+
+
+def preprocessing_difference(first: dict[str, Any], second: dict[str, Any]) -> str | None:
+    """How two features' metadata (or a classifier's) differ in preprocessing (resize, crop,
+    interpolation), or ``None``."""
+    a, b = first.get("preprocessing"), second.get("preprocessing")
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return None
+    changed = [f"{k} {a[k]} vs {b[k]}" for k in sorted(a.keys() & b.keys()) if a[k] != b[k]]
+    return ", ".join(changed) or None
+
+
+def _brief(value: Any) -> str:
+    if isinstance(value, dict) and "name" in value:
+        kwargs = value.get("kwargs") or {}
+        inner = ", ".join(f"{k}={v}" for k, v in sorted(kwargs.items()))
+        return f"{value['name']}({inner})"
+    return str(value)
 
 
 def _json(text: str, path: Path, key: str) -> Any:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from dinocli.errors import UsageError
-from dinocli.evaluate.features_io import Features, require_same_classes
+from dinocli.evaluate.features_io import Features, require_same_classes, require_same_model
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 DEFAULT_KS = (10, 20, 100, 200)
@@ -76,7 +76,8 @@ class IndexSpec:
 
 @dataclass(frozen=True)
 class KnnResult:
-    """Accuracies in percent for one ``k`` and temperature; ``top5`` is ``None`` when ``k < 5``."""
+    """Accuracies in percent for one ``k`` and temperature; ``top5`` is ``None`` when ``k < 5`` or
+    there are fewer than 5 classes (where it would be 100 %)."""
 
     k: int
     temperature: float
@@ -378,7 +379,7 @@ def knn_classify(
                     k=kk,
                     temperature=t,
                     top1=100.0 * int(top1[i, j]) / n_val,
-                    top5=100.0 * int(top5[i, j]) / n_val if kk >= 5 else None,
+                    top5=100.0 * int(top5[i, j]) / n_val if kk >= 5 and n_classes >= 5 else None,
                     per_class=per,
                 )
             )
@@ -396,6 +397,7 @@ def knn_features(
                 "folders); k-NN needs images in <class>/<image> folders"
             )
     require_same_classes(train.classes, val.classes)
+    require_same_model(train, val)
     options.setdefault("class_names", train.classes or val.classes)
     return knn_classify(train.features, train.labels, val.features, val.labels, k, **options)
 

@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from dinocli.errors import UsageError
-from dinocli.evaluate.features_io import Features, require_same_classes
+from dinocli.evaluate.features_io import Features, model_difference, require_same_classes, require_same_model
 from dinocli.evaluate.knn import target_rank
 from dinocli.io import atomic_path
 
@@ -42,7 +42,10 @@ LR_REFERENCE_BATCH = 256
 #: metadata key of the JSON object describing a classifier file.
 CLASSIFIER_META_KEY = "dinocli.linear"
 #: the features' options a classifier must be applied with (their metadata keys).
-FEATURE_OPTIONS = ("n_last_blocks", "avgpool_patch_tokens", "preprocessing", "backbone")
+FEATURE_OPTIONS = (
+    "n_last_blocks", "avgpool_patch_tokens", "preprocessing", "backbone", "weights", "weights_sha256", "checkpoint_key",
+    "seed",
+)  # fmt: skip
 
 Batches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
@@ -245,6 +248,7 @@ def check_pair(train: Features, val: Features | None) -> tuple[int, list[str]]:
     check_labelled(train, "train")
     if val is not None:
         check_labelled(val, "val")
+        require_same_model(train, val)
         if train.dim != val.dim:
             raise UsageError(
                 f"the train features are {train.dim}-dimensional but the val features are {val.dim}-dimensional; "
@@ -358,6 +362,12 @@ def check_features_match(classifier: LinearClassifier, feats: Features) -> None:
             raise UsageError(
                 f"the classifier was trained on features with {flag} {trained[key]}, these have {feats.metadata[key]}"
             )
+    difference = model_difference(trained, feats.metadata)
+    if difference is not None:
+        raise UsageError(
+            f"the classifier was trained on features extracted differently ({difference}); "
+            "extract the val set with the same --weights and options"
+        )
 
 
 def feature_options(feats: Features) -> dict[str, Any]:

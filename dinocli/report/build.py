@@ -122,6 +122,9 @@ def render_report(run: str | Path, output: str | Path | None = None) -> ReportRe
     ``output`` defaults to ``RUN/report``. Every file is written atomically.
     """
     run = Path(run)
+    if run.is_file():
+        hint = f" (its folder {run.parent}?)" if (run.parent / "metrics.jsonl").is_file() else ""
+        raise UsageError(f"{run} is a file; give the run folder that holds metrics.jsonl{hint}")
     if not run.is_dir():
         raise UsageError(f"run folder not found: {run}")
     records = load_metrics(run / "metrics.jsonl")

@@ -308,7 +308,9 @@ def validate(cfg: PretrainConfig) -> None:
             raise UsageError(f"--{_flag(name)} must not be negative, got {getattr(cfg, name)}")
     if cfg.warmup_epochs > cfg.epochs:
         raise UsageError(
-            f"--warmup-epochs {cfg.warmup_epochs} is longer than the run (--epochs {cfg.epochs})"
+            f"--warmup-epochs {cfg.warmup_epochs} is longer than the run (--epochs {cfg.epochs}); "
+            f"give at most {cfg.epochs} (the reference warms up for a tenth of the run: "
+            f"--warmup-epochs {cfg.epochs // 10})"
         )
     if cfg.warmup_teacher_temp_epochs > cfg.epochs:
         raise UsageError(
