@@ -4,18 +4,33 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from dinocli.errors import DinoError, UsageError
 
 
-def check_output_path(path: str | Path | None, option: str, folder: bool = False) -> None:
-    """Refuse, before any work is done, an output (given as ``option``) that cannot be written: a
-    folder where a file goes (a file where a ``folder`` goes), or a path under a file."""
+#: what an existing output may be for a command to replace it: a description and a test of the file.
+Replaceable = tuple[str, Callable[[Path], bool]]
+
+
+def check_output_path(
+    path: str | Path | None,
+    option: str,
+    folder: bool = False,
+    *,
+    inputs: Iterable[tuple[str, str | Path | None]] = (),
+    replaces: Replaceable | None = None,
+) -> None:
+    """Refuse, before any work is done, an output (given as ``option``) that cannot be written or
+    must not be: a folder where a file goes (a file where a ``folder`` goes), a path under a file, a
+    folder this process cannot write in, one of the command's ``inputs`` (``(flag, path)`` pairs),
+    or an existing file that is not what the command writes (``replaces``: its description and test).
+    """
     if path is None:
         return
     path = Path(path)
@@ -25,6 +40,90 @@ def check_output_path(path: str | Path | None, option: str, folder: bool = False
         raise UsageError(f"{option} {path} is a file; give a folder")
     if blocker := _file_in_the_way(path.parent):
         raise UsageError(f"{option} {path}: {blocker} is a file, not a folder")
+    for flag, source in inputs:
+        if source is not None and _same_path(path, Path(source)):
+            raise UsageError(f"{option} {path} is also {flag}: writing it would destroy it; give another name")
+    if replaces is not None and path.is_file() and path.stat().st_size > 0 and not replaces[1](path):
+        raise UsageError(f"{option} {path} exists and is not {replaces[0]}; remove it or give another name")
+    _require_writable(path if folder and path.is_dir() else path.parent, option, path)
+
+
+def is_json_file(path: Path) -> bool:
+    """Whether ``path`` holds a JSON document (an output of ``--json`` that may be replaced)."""
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return True
+
+
+#: ``replaces`` of a ``--json`` output: an existing JSON document may be replaced, nothing else.
+JSON_FILE: Replaceable = ("a JSON file", is_json_file)
+
+
+def has_safetensors_metadata(key: str) -> Callable[[Path], bool]:
+    """A test of whether a file is safetensors whose metadata has ``key`` (a dinocli output's kind)."""
+
+    def test(path: Path) -> bool:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return key in (f.metadata() or {})
+        except (SafetensorError, OSError, ValueError):
+            return False
+
+    return test
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def _require_writable(folder: Path, option: str, path: Path) -> None:
+    """A one-line error unless a file can be created in ``folder`` (or its nearest existing parent)."""
+    existing = next((p for p in (folder, *folder.parents) if p.is_dir()), None)
+    if existing is None:
+        return
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".dinocli-write-check.", dir=existing)
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: cannot write in {existing} ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+class FolderLock:
+    """An exclusive lock of ``folder`` (a ``.lock`` file in it, held with ``flock`` until
+    :meth:`release` or the process ends, however it ends): two writers of one folder are refused."""
+
+    def __init__(self, folder: str | Path, what: str) -> None:
+        self.path = Path(folder) / ".lock"
+        self._file = open(self.path, "a+")  # noqa: SIM115 - held open while locked
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no lock
+            return
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "?"
+            self._file.close()
+            raise UsageError(
+                f"{folder} is in use by another {what} (pid {holder}); wait for it to end or give another folder"
+            ) from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"{os.getpid()}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        """Unlock and remove the ``.lock`` file (one a killed process leaves holds no lock)."""
+        self.path.unlink(missing_ok=True)
+        self._file.close()
 
 
 def make_folder(folder: str | Path) -> None:
@@ -72,10 +171,12 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         raise DinoError(f"cannot write {target}: {_why(target.parent, exc)}") from exc
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp's 0600 would outlive the rename
     try:
         yield tmp_path
         try:
+            # after the block: mkstemp's 0600 would outlive the rename, and writers that recreate
+            # the file (safetensors' save_file) drop a mode set before
+            os.chmod(tmp_path, 0o666 & ~_umask())
             with open(tmp_path, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp_path, target)

@@ -120,6 +120,19 @@ def read_backbone_weights(path: str | Path, checkpoint_key: str = "teacher") -> 
     return BackboneWeights(backbone, head, spec, metadata, used_key)
 
 
+def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
+    """The hex sha256 of a state dict's names, dtypes, shapes and values: the same for the same
+    weights in any file format."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _one_network(path: str | Path, checkpoint_key: str) -> None:
     """A file that holds one network has no student: asking for it is an error, not ignored."""
     if checkpoint_key != "teacher":

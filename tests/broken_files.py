@@ -226,3 +226,14 @@ def error_line(code: int, exit_code: int | None, stderr: str, stdout: str = "") 
     assert len(errors) == 1 and lines[-1] == errors[0], stderr[-2000:]
     assert "Traceback" not in stderr + stdout
     return errors[0]
+
+
+def previous_features(path: Path) -> bytes:
+    """A small features file at ``path`` (an earlier ``dino extract`` output, which a new one may
+    replace); returns its bytes, to check that a failed run left them as they were."""
+    import torch
+
+    from dinocli.evaluate.features_io import Features, save_features
+
+    save_features(path, Features(torch.ones(2, 3), torch.tensor([0, 1]), ["a", "b"]))
+    return path.read_bytes()

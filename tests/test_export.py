@@ -445,6 +445,21 @@ def test_onnx_without_onnxruntime_says_how_to_install(cli, tmp_path, dinocli_che
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_output_suffix_names_the_format_unless_format_is_given(cli, tmp_path, dinocli_checkpoint, monkeypatch):
+    report = export_backbone(dinocli_checkpoint, tmp_path / "m.pt")
+    assert report.format == "torchscript" and jit_load(tmp_path / "m.pt") is not None
+    assert export_backbone(dinocli_checkpoint, tmp_path / "m.bin").format == "safetensors"  # no suffix of a format
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    result = cli.invoke(app, ["export", "-w", str(dinocli_checkpoint), "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 2 and "pip install 'dinocli[onnx]'" in result.stderr  # the suffix asked for ONNX
+    result = cli.invoke(app, ["export", "-w", str(dinocli_checkpoint), "-o", str(tmp_path / "x.safetensors"), "-f",
+                              "torchscript"])  # fmt: skip
+    assert result.exit_code == 2
+    assert result.stderr == (f"error: --output {tmp_path / 'x.safetensors'} names a safetensors file but --format is "
+                             "torchscript; change the name or the format\n")  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin", "m.pt"]
+
+
 # -- refusals -------------------------------------------------------------------------------
 
 

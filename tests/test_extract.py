@@ -176,6 +176,29 @@ def test_cli_writes_a_complete_features_file(tmp_path: Path, cli) -> None:
     torch.testing.assert_close(feats.features.float(), direct.half().float())
 
 
+def test_features_of_the_same_weights_in_two_files_agree_and_of_other_weights_do_not(tmp_path: Path, cli) -> None:
+    from dinocli.weights import state_dict_sha256
+
+    root = image_tree(tmp_path / "imgs", {"cat": 3, "dog": 3})
+    model = tiny_vit(seed=3)
+    exported = export(model, tmp_path / "backbone.safetensors")
+    plain = tmp_path / "backbone.pth"
+    torch.save(model.state_dict(), plain)  # the same tensors, another file format
+    other = export(tiny_vit(seed=4), tmp_path / "other.safetensors")
+    common = ["-d", str(root), "--resize", "36", "--crop-size", "32", "--num-workers", "0", "--precision", "fp32"]
+    for weights, name in ((exported, "a"), (plain, "b"), (other, "c")):
+        result = cli.invoke(app, ["extract", "-w", str(weights), "-o", str(tmp_path / f"{name}.safetensors"), *common])
+        assert result.exit_code == 0, result.output
+    a, b = load_features(tmp_path / "a.safetensors"), load_features(tmp_path / "b.safetensors")
+    assert a.metadata["weights_sha256"] != b.metadata["weights_sha256"]  # two different files ...
+    assert a.metadata["backbone_sha256"] == b.metadata["backbone_sha256"] == state_dict_sha256(model.state_dict())
+    assert knn_features(a, b, k=3).num_val == 6  # ... of the same weights
+    result = cli.invoke(app, ["knn", "--train", str(tmp_path / "a.safetensors"), "--val", str(tmp_path / "c.safetensors")])
+    assert result.exit_code == 2
+    assert "extracted differently (different backbone weights (sha256 " in result.stderr
+    assert ": backbone.safetensors vs other.safetensors)); extract both with the same --weights" in result.stderr
+
+
 def test_cli_reads_the_checkpoint_key_of_a_training_checkpoint(tmp_path: Path, cli) -> None:
     root = image_tree(tmp_path / "imgs", {"a": 2})
     teacher, student = tiny_vit(seed=4), tiny_vit(seed=5)

@@ -70,11 +70,11 @@ def test_unusable_data_folders_are_one_line_exit_2(tmp_path, cli, setup, message
         (data / ".cache").mkdir(parents=True)
         bf.rgb().save(data / ".cache" / "thumb.png")
     previous = tmp_path / "features.safetensors"
-    previous.write_bytes(b"previous output")
+    before = bf.previous_features(previous)
     for result in (extract(cli, data, previous), pretrain(cli, data, tmp_path / "run", "--epochs", "1")):
         line = bf.error_line(2, result.exit_code, result.stderr, result.stdout)
         assert line.startswith(message.format(data=data)), line
-    assert previous.read_bytes() == b"previous output"
+    assert previous.read_bytes() == before
     assert not (tmp_path / "run" / "checkpoint.pth").exists()
 
 
@@ -98,12 +98,12 @@ def test_each_broken_image_is_one_line_naming_the_file(tmp_path, cli, kind):
     bad = bf.broken_images(tmp_path / "corpus")[kind]
     bad = bad.rename(data / bad.name)
     out = tmp_path / "features.safetensors"
-    out.write_bytes(b"previous output")
+    before = bf.previous_features(out)
     result = extract(cli, tmp_path / "data", out)
     line = bf.error_line(2, result.exit_code, result.stderr, result.stdout)
     assert line.startswith(f"error: cannot read image {bad}: ")
     assert REASONS[kind] in line
-    assert out.read_bytes() == b"previous output"  # nothing written over the previous output
+    assert out.read_bytes() == before  # nothing written over the previous output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "data", "features.safetensors"]
 
 

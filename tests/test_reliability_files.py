@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 import broken_files as bf
 from dinocli.cli import main
+from dinocli.errors import UsageError
 from dinocli.registry import ENV_VAR
 
 
@@ -104,7 +105,7 @@ WEIGHTS_CASES = [
 def test_bad_weights_files_in_extract(tmp_path, images, capsys, kind, code, message):
     weights = make_weights(kind, tmp_path / "weights")
     out = tmp_path / "features.safetensors"
-    out.write_bytes(b"previous output")
+    previous = bf.previous_features(out)
     before = {p: p.read_bytes() for p in (tmp_path / "weights").iterdir() if p.is_file()}
     exit_code, stdout, stderr = dino(
         capsys, "extract", "--data", images, "--output", out, "--weights", weights, "--arch", "vit_small",
@@ -113,7 +114,7 @@ def test_bad_weights_files_in_extract(tmp_path, images, capsys, kind, code, mess
     line = bf.error_line(code, exit_code, stderr, stdout)
     assert message.format(path=weights) in line, line
     assert not (tmp_path / "weights" / "marker").exists()  # the pickled code never ran
-    assert out.read_bytes() == b"previous output"
+    assert out.read_bytes() == previous
     assert {p: p.read_bytes() for p in (tmp_path / "weights").iterdir() if p.is_file()} == before
 
 
@@ -572,7 +573,51 @@ def test_written_files_and_folders_have_the_umask_permissions_not_the_temporary_
             tmp.write_bytes(b"x")
         with atomic_folder(tmp_path / "hf") as tmp:
             (tmp / "config.json").write_text("{}")
+        with atomic_path(tmp_path / "features.safetensors") as tmp:
+            save_file({"x": torch.zeros(2)}, str(tmp))  # recreates the file: a mode set before is lost
     finally:
         os.umask(previous)
     assert (tmp_path / "weights.safetensors").stat().st_mode & 0o777 == 0o644  # mkstemp makes 0600
     assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o755  # mkdtemp makes 0700
+    assert (tmp_path / "features.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_an_output_is_refused_before_any_work_where_it_would_destroy_an_input_or_another_file(tmp_path, capsys):
+    from dinocli.io import JSON_FILE, check_output_path
+
+    checkpoint = tmp_path / "checkpoint.pth"
+    torch.save({"teacher": {}}, checkpoint)
+    before = checkpoint.read_bytes()
+    with pytest.raises(UsageError, match=r"--output .*checkpoint.pth is also --weights: writing it would destroy it"):
+        check_output_path(tmp_path / "." / "checkpoint.pth", "--output", inputs=[("--weights", checkpoint)])
+    with pytest.raises(UsageError, match=r"--json .*checkpoint.pth exists and is not a JSON file; remove it or give"):
+        check_output_path(checkpoint, "--json", replaces=JSON_FILE)
+    (tmp_path / "old.json").write_text('{"top1": 1.0}')
+    check_output_path(tmp_path / "old.json", "--json", replaces=JSON_FILE)  # an earlier report is replaced
+    check_output_path(tmp_path / "new" / "r.json", "--json", replaces=JSON_FILE)  # its folder is made later
+    assert checkpoint.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth", "old.json"]
+    # through the commands: nothing is read, nothing written
+    feats = features_file(tmp_path / "train.safetensors")
+    model = tmp_path / "model.safetensors"
+    save_file({"pos_embed": torch.zeros(1, 5, 8)}, str(model))
+    for args, message in [
+        (["knn", "--train", feats, "--val", feats, "--json", checkpoint], "exists and is not a JSON file"),
+        (["linear", "--train", feats, "--val", feats, "-o", checkpoint], "exists and is not a linear classifier file"),
+        (["linear", "--train", feats, "--val", feats, "--json", feats], "is also --train: writing it would destroy it"),
+        (["extract", "-w", checkpoint, "-d", tmp_path, "-o", checkpoint], "is also --weights: writing it would destroy"),
+        (["extract", "-w", checkpoint, "-d", tmp_path, "-o", model], "exists and is not a features file"),
+        (["export", "-w", checkpoint, "-o", checkpoint, "--force"], "is also --weights: writing it would destroy it"),
+    ]:
+        code, stdout, stderr = dino(capsys, *args)
+        assert message in bf.error_line(2, code, stderr, stdout), args
+    assert checkpoint.read_bytes() == before
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc (a folder no one can write in)")
+def test_an_output_in_a_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys):
+    feats = features_file(tmp_path / "train.safetensors")
+    code, stdout, stderr = dino(capsys, "knn", "--train", feats, "--val", feats, "--json", "/proc/knn.json")
+    assert "--json /proc/knn.json: cannot write in /proc (" in bf.error_line(2, code, stderr, stdout)
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 0, "iteration": 1, "loss": 2.0}\n')
+    code, stdout, stderr = dino(capsys, "report", tmp_path, "--output", "/proc/report")
+    assert "--output /proc/report: cannot write in /proc (" in bf.error_line(2, code, stderr, stdout)

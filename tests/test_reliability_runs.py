@@ -128,6 +128,48 @@ def test_an_unwritable_folder_is_one_clear_error(tmp_path):
         atomic_write_bytes(blocker / "out.bin", b"data")
 
 
+# -- one run per folder; what a resume may change ----------------------------------------------------
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_and_a_finished_run_frees_it(tmp_path, cli):
+    from dinocli.io import FolderLock
+
+    data, run = make_images(tmp_path / "images" / "cls", 8).parent, tmp_path / "run"
+    run.mkdir()
+    held = FolderLock(run, "dino pretrain")  # as a run still going would hold it (flock: per open file)
+    result = cli.invoke(app, ["pretrain", "--data", str(data), "--output", str(run), *TINY, "--epochs", "1"])
+    line = bf.error_line(2, result.exit_code, result.stderr, result.stdout)
+    assert line == f"error: {run} is in use by another dino pretrain (pid {os.getpid()}); wait for it to end or give another folder"
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing read or written
+    held.release()
+    result = cli.invoke(app, ["pretrain", "--data", str(data), "--output", str(run), *TINY, "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pth", "config.toml", "metrics.jsonl"]  # lock gone
+
+
+def test_resume_refuses_a_new_init_from_says_how_to_keep_a_setting_and_a_finished_run_keeps_its_config(tmp_path, cli):
+    data, run = make_images(tmp_path / "images" / "cls", 8).parent, tmp_path / "run"
+    args = ["pretrain", "--data", str(data), "--output", str(run), *TINY, "--epochs", "1"]
+    assert cli.invoke(app, args).exit_code == 0
+    config = (run / "config.toml").read_text()
+    result = cli.invoke(app, [*args, "--init-from", str(run / "checkpoint.pth")])
+    line = bf.error_line(2, result.exit_code, result.stderr, result.stdout)
+    assert line == (f"error: {run} already holds a run ({run / 'checkpoint.pth'}); --init-from starts a new one: "
+                    "give another --output, or drop --init-from to resume this run")  # fmt: skip
+    result = cli.invoke(app, [*args, "--out-dim", "64"])
+    line = bf.error_line(2, result.exit_code, result.stderr, result.stdout)
+    assert "(out_dim: 32 -> 64); give --out-dim 32 to go on with it, use another --output" in line
+    result = cli.invoke(app, [*args, "--seed", "5"])  # finished: nothing to do
+    assert result.exit_code == 0 and "nothing to do" in result.output
+    assert (run / "config.toml").read_text() == config  # still the settings it was trained with
+    # a run started with --init-from resumes with the same command
+    second = tmp_path / "second"
+    again = ["pretrain", "--data", str(data), "--output", str(second), *TINY, "--init-from", str(run / "checkpoint.pth")]
+    assert cli.invoke(app, [*again, "--epochs", "1"]).exit_code == 0
+    result = cli.invoke(app, [*again, "--epochs", "2"])
+    assert result.exit_code == 0 and "resuming from" in result.output, result.output
+
+
 # -- training checkpoints: failed rename, full disk ---------------------------------------------------
 
 
@@ -185,7 +227,7 @@ def test_full_disk_while_writing_features_keeps_the_previous_file(tmp_path, cli,
 
     data = make_images(tmp_path / "images" / "cls", 4).parent
     out = tmp_path / "features.safetensors"
-    out.write_bytes(b"previous features")
+    previous = bf.previous_features(out)
 
     def disk_fills_up(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"\0" * 100)
@@ -197,7 +239,7 @@ def test_full_disk_while_writing_features_keeps_the_previous_file(tmp_path, cli,
                               "--num-workers", "0"])
     line = bf.error_line(1, result.exit_code, result.stderr, result.stdout)
     assert line == f"error: no space left on device while writing {out}; it was not changed"
-    assert out.read_bytes() == b"previous features" and leftovers(tmp_path) == []
+    assert out.read_bytes() == previous and leftovers(tmp_path) == []
 
 
 # -- real processes: kill -9 and Ctrl-C -------------------------------------------------------------
@@ -269,14 +311,15 @@ def test_kill_9_then_the_same_command_finishes_as_if_never_killed(uninterrupted,
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_the_last_iteration_exits_130_and_resume_accepts_it(uninterrupted, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_saves_the_last_iteration_exits_130_and_resume_accepts_it(uninterrupted, tmp_path, stop):
     data, reference = uninterrupted
     run = tmp_path / "run"
     proc = subprocess.Popen(dino_pretrain(data, run), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=quiet_env())
     try:
         wait_for_iteration(proc, run, 1)  # mid-epoch 1
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)  # SIGTERM: what a scheduler (SLURM, Kubernetes, torchrun) sends first
         stdout, stderr = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:

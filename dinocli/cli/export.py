@@ -30,8 +30,14 @@ def export_command(
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="File to write (a folder for huggingface).")],
     file_format: Annotated[
-        str, typer.Option("--format", "-f", help="safetensors, torchscript, onnx or huggingface.")
-    ] = "safetensors",
+        str | None,
+        typer.Option(
+            "--format",
+            "-f",
+            help="safetensors, torchscript, onnx or huggingface \\[default: from the suffix (.pt, .ts: torchscript; "
+            ".onnx), else safetensors].",
+        ),
+    ] = None,
     checkpoint_key: CheckpointKey = "teacher",
     include_head: Annotated[
         bool, typer.Option("--include-head", help="Also store the projection head (safetensors only).")

@@ -190,13 +190,15 @@ def extract_command(
     """Extract frozen features of every image in a folder (labels from its class folders)."""
     import torch
 
-    from dinocli.evaluate.features_io import save_features
+    from dinocli.evaluate.features_io import FEATURES_META_KEY, save_features
+    from dinocli.io import has_safetensors_metadata
 
     # fp32/fp16 as in --precision and 'dino export --dtype'; float32/float16 kept from earlier versions
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "float32": torch.float32, "float16": torch.float16}
     if dtype not in dtypes:
         raise UsageError(f"--dtype must be fp32 or fp16, got {dtype!r}")
-    check_output_path(output, "--output")
+    features_file = ("a features file", has_safetensors_metadata(FEATURES_META_KEY))
+    check_output_path(output, "--output", inputs=[("--weights", weights)], replaces=features_file)
     options = dict(
         resize=resize,
         crop_size=crop_size,

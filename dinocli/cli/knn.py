@@ -42,7 +42,7 @@ from dinocli.cli.extract import (
     load_model,
 )
 from dinocli.errors import UsageError
-from dinocli.io import check_output_path
+from dinocli.io import JSON_FILE, check_output_path
 
 
 @command(
@@ -130,7 +130,8 @@ def knn_command(
     from dinocli.evaluate.features_io import require_same_classes
     from dinocli.evaluate.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, IndexSpec, knn_features
 
-    check_output_path(json_out, "--json")
+    check_output_path(json_out, "--json", inputs=[("--weights", weights), ("--train", train), ("--val", val)],
+                      replaces=JSON_FILE)  # fmt: skip
     form = input_form(train, val, train_data, val_data)
     if form == "files":
         train_feats, val_feats = load_feature_pair(train, val)

@@ -150,7 +150,14 @@ def linear_command(
 ) -> None:
     """Train a linear classifier on frozen features and report its val top-1/top-5 (the DINO linear eval)."""
     from dinocli.evaluate.features_io import require_same_classes
-    from dinocli.evaluate.linear import REFERENCE_LR, check_recipe, load_classifier, save_classifier
+    from dinocli.evaluate.linear import (
+        CLASSIFIER_META_KEY,
+        REFERENCE_LR,
+        check_recipe,
+        load_classifier,
+        save_classifier,
+    )
+    from dinocli.io import JSON_FILE, has_safetensors_metadata
 
     if mode not in MODES:
         raise UsageError(f"--mode must be fast or reference, got {mode!r}")
@@ -160,8 +167,10 @@ def linear_command(
     check_recipe(epochs, linear_batch_size, lr or [REFERENCE_LR], weight_decay or [0.0])
     if mode == "fast" and not 0 <= holdout < 1:
         raise UsageError(f"--holdout must be in [0, 1), got {holdout}")
-    check_output_path(output, "--output")
-    check_output_path(json_out, "--json")
+    inputs = [("--weights", weights), ("--train", train), ("--val", val), ("--evaluate", evaluate)]
+    classifier_file = ("a linear classifier file", has_safetensors_metadata(CLASSIFIER_META_KEY))
+    check_output_path(output, "--output", inputs=inputs, replaces=classifier_file)
+    check_output_path(json_out, "--json", inputs=[*inputs, ("--output", output)], replaces=JSON_FILE)
     classifier = load_classifier(evaluate) if evaluate is not None else None
     trained = (classifier.metadata.get("features", {}) if classifier else {})
     prep = trained.get("preprocessing", {})

@@ -350,7 +350,7 @@ def backbone_for_eval(
     must beat).
     """
     from dinocli.registry import create_backbone
-    from dinocli.weights import build_backbone, read_backbone_weights, resolve_backbone_spec
+    from dinocli.weights import build_backbone, read_backbone_weights, resolve_backbone_spec, state_dict_sha256
 
     if checkpoint_key not in ("teacher", "student"):
         raise UsageError(f"--checkpoint-key must be teacher or student, got {checkpoint_key!r}")
@@ -387,6 +387,7 @@ def backbone_for_eval(
         "backbone": spec,
         "weights": Path(weights).name,
         "weights_sha256": file_sha256(weights),
+        "backbone_sha256": state_dict_sha256(loaded.state_dict),
         "checkpoint_key": checkpoint_key,
     }
     return model, info

@@ -4,7 +4,7 @@ The file holds two tensors, ``features`` ``[N, D]`` (float32 or float16) and ``l
 (int64, -1 for images outside class folders), and string metadata: ``classes`` (a JSON list),
 ``paths`` (a JSON list of image paths relative to the data folder, or ``paths_file`` naming a
 sidecar text file for large sets) and ``dinocli.features`` (a JSON object: backbone, weights file
-and sha256, preprocessing, precision), plus ``dinocli.version``.
+and its sha256, the sha256 of the backbone's tensors, preprocessing, precision), plus ``dinocli.version``.
 """
 
 from __future__ import annotations
@@ -160,12 +160,17 @@ def require_same_classes(train: list[str], val: list[str]) -> None:
 def model_difference(first: dict[str, Any], second: dict[str, Any]) -> str | None:
     """How two features' metadata (or a classifier's) name different networks or token options,
     or ``None`` where they agree or do not say (files from before this metadata)."""
-    if "weights_sha256" in first and "weights_sha256" in second:
+    names = f": {first.get('weights')} vs {second.get('weights')}" if first.get("weights") else ""
+    if "backbone_sha256" in first and "backbone_sha256" in second:  # the tensors, in whatever file
+        a, b = first["backbone_sha256"], second["backbone_sha256"]
+        if a != b:
+            return f"different backbone weights (sha256 {a[:12]} vs {b[:12]}{names})"
+        keys: tuple[str, ...] = ()
+    elif "weights_sha256" in first and "weights_sha256" in second:  # files from before backbone_sha256
         a, b = first["weights_sha256"], second["weights_sha256"]
         if a != b:
-            names = f": {first.get('weights')} vs {second.get('weights')}" if first.get("weights") else ""
             return f"different weights files (sha256 {a[:12]} vs {b[:12]}{names})"
-        keys: tuple[str, ...] = ("checkpoint_key",)
+        keys = ("checkpoint_key",)
     elif "weights" in first and "weights" in second and first["weights"] != second["weights"]:
         return f"weights {first['weights'] or 'none'} vs {second['weights'] or 'none'}"  # one has no weights file
     else:

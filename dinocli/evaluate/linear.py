@@ -43,8 +43,8 @@ LR_REFERENCE_BATCH = 256
 CLASSIFIER_META_KEY = "dinocli.linear"
 #: the features' options a classifier must be applied with (their metadata keys).
 FEATURE_OPTIONS = (
-    "n_last_blocks", "avgpool_patch_tokens", "preprocessing", "backbone", "weights", "weights_sha256", "checkpoint_key",
-    "seed",
+    "n_last_blocks", "avgpool_patch_tokens", "preprocessing", "backbone", "weights", "weights_sha256",
+    "backbone_sha256", "checkpoint_key", "seed",
 )  # fmt: skip
 
 Batches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]
@@ -309,7 +309,8 @@ class LinearReport:
         out = {
             k: v
             for k, v in asdict(self).items()
-            if k not in ("classifier", "history") and not (v is None or v == [] or (k == "num_holdout" and v == 0))
+            if k not in ("classifier", "history")
+            and (k == "top5" or not (v is None or v == [] or (k == "num_holdout" and v == 0)))
         }
         if self.history:
             out["history"] = [asdict(h) for h in self.history]

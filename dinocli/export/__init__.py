@@ -26,6 +26,8 @@ from dinocli.weights import build_backbone, read_backbone_weights, resolve_backb
 FORMATS = ("safetensors", "torchscript", "onnx", "huggingface")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CHECKPOINT_KEYS = ("teacher", "student")
+#: the format an output's suffix names (without ``--format``); other suffixes are safetensors.
+SUFFIX_FORMATS = {".safetensors": "safetensors", ".pt": "torchscript", ".ts": "torchscript", ".onnx": "onnx"}
 #: Largest accepted |exported - PyTorch fp32|, relative to max(1, largest |output|), per dtype.
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2, "bf16": 2.5e-1}
 
@@ -54,7 +56,7 @@ class ExportReport:
 def export_backbone(
     weights_path: str | Path,
     output: str | Path,
-    format: str = "safetensors",
+    format: str | None = None,
     checkpoint_key: str = "teacher",
     include_head: bool = False,
     dtype: str = "fp32",
@@ -66,8 +68,10 @@ def export_backbone(
 
     ``weights_path`` is anything :func:`dinocli.load_backbone` reads. The file (for
     ``huggingface``: the folder) is written atomically, and only once the written model has
-    passed the check; an existing ``output`` is refused unless ``force``.
+    passed the check; an existing ``output`` is refused unless ``force``. Without ``format``, the
+    output's suffix names it (:data:`SUFFIX_FORMATS`; safetensors for any other).
     """
+    format = output_format(Path(output), format)
     if format not in FORMATS:
         raise unknown_name("export format", format, FORMATS)
     if dtype not in DTYPES:
@@ -76,7 +80,7 @@ def export_backbone(
         raise unknown_name("checkpoint key", checkpoint_key, CHECKPOINT_KEYS)
     source, output = Path(weights_path), Path(output)
     folder = format == "huggingface"
-    check_output_path(output, "--output", folder=folder)  # before the export and its check
+    check_output_path(output, "--output", folder=folder, inputs=[("--weights", source)])  # before any work
     if output.exists() and not force:
         raise UsageError(f"{output} already exists; pass --force to overwrite it")
     if include_head and format != "safetensors":
@@ -127,6 +131,18 @@ def export_backbone(
         size = tmp.stat().st_size
     n_head = len(weights.head) if include_head else 0
     return _report(output, format, dtype, spec, metadata, model, n_head, size, checks)
+
+
+def output_format(output: Path, format: str | None) -> str:
+    """``format``, or the one ``output``'s suffix names; an error where the two disagree."""
+    named = SUFFIX_FORMATS.get(output.suffix.lower())
+    if format is None:
+        return named or "safetensors"
+    if named is not None and named != format and format in FORMATS:
+        raise UsageError(
+            f"--output {output} names a {named} file but --format is {format}; change the name or the format"
+        )
+    return format
 
 
 def _report(output, format, dtype, spec, metadata, model, n_head, size, checks) -> ExportReport:

@@ -33,7 +33,7 @@ from dinocli.distributed import (
 )
 from dinocli.errors import DinoError, UsageError
 from dinocli.heads import DINOHead
-from dinocli.io import atomic_write_text, check_output_path, make_folder
+from dinocli.io import FolderLock, atomic_write_text, check_output_path, make_folder
 from dinocli.loggers import open_loggers
 from dinocli.registry import create_augmentation, create_backbone, get_registry
 from dinocli.runtime import TimedIterator, autocast, resolve_precision, training_workers
@@ -95,6 +95,10 @@ def pretrain(cfg: PretrainConfig, display_rich: bool | None = None) -> PretrainR
             trainer.close()
     finally:
         destroy_distributed()
+
+
+#: the signals that make a run save its last iteration and stop (a second one stops it at once).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Trainer:
@@ -221,8 +225,10 @@ class Trainer:
         self._stop_agreed = False
         self._unsettled: list[tuple[int, int, torch.Tensor]] = []  # (epoch, iteration, agreement)
         # last: a run the checks above refuse leaves no folder, and no logger's run is left open
+        self._lock = None
         if group.is_main:
             make_folder(self.out)
+            self._lock = FolderLock(self.out, "dino pretrain")  # before anything in it is read or written
         self.metrics = open_loggers(cfg.logger, self.out, cfg.to_dict(), warn=self.display.log, enabled=group.is_main)
 
     # -- set-up -----------------------------------------------------------------------------
@@ -278,11 +284,21 @@ class Trainer:
         saved = ckpt.get("config", {})
         # an option that did not exist when the run was saved had its default's effect
         before = {**PretrainConfig().to_dict(), **saved} if saved else {}
+        if self.cfg.init_from and before.get("init_from") != self.cfg.init_from:
+            raise UsageError(
+                f"{self.out} already holds a run ({path}); --init-from starts a new one: give another --output, "
+                "or drop --init-from to resume this run"
+            )
         changed = [k for k in STRUCTURAL if k in before and _plain(before[k]) != _plain(getattr(self.cfg, k))]
         if changed:
             details = ", ".join(f"{k}: {before[k]!r} -> {getattr(self.cfg, k)!r}" for k in changed)
+            keep = " ".join(
+                f"--{k.replace('_', '-')} {before[k]}" for k in changed if isinstance(before[k], (int, float, str))
+                and not isinstance(before[k], bool)
+            )  # fmt: skip
+            hint = f"give {keep} to go on with it, " if keep else ""
             raise UsageError(
-                f"{path} was trained with other settings ({details}); use another --output "
+                f"{path} was trained with other settings ({details}); {hint}use another --output "
                 "or --init-from to start a new run from its weights"
             )
         self.student.load_state_dict(ckpt["student"])
@@ -340,7 +356,8 @@ class Trainer:
                 "the same --output folder (a shared file system) to resume"
             )
         if self.group.is_main:
-            atomic_write_text(self.out / "config.toml", to_toml(cfg))
+            if self.epoch < last_epoch or not resumed:  # a finished run keeps the settings it was trained with
+                atomic_write_text(self.out / "config.toml", to_toml(cfg))
             if not resumed:
                 self.display.log(to_toml(cfg).rstrip())
             self.display.log(
@@ -611,7 +628,7 @@ class Trainer:
         barrier()  # no process goes on (or reads it) before the checkpoint is complete
 
     def _save_interrupted(self) -> None:
-        """Ctrl-C: keep the last completed iteration (resume accepts it), then stop."""
+        """Ctrl-C or SIGTERM: keep the last completed iteration (resume accepts it), then stop."""
         self.settle()  # no checkpoint of a step whose loss was not finite
         self.display.close()
         self.save(end_of_epoch=False)
@@ -623,7 +640,8 @@ class Trainer:
 
     @contextlib.contextmanager
     def _sigint_saves_checkpoint(self) -> Iterator[None]:
-        """The first Ctrl-C finishes the current iteration and saves; a second one stops at once."""
+        """The first Ctrl-C (or SIGTERM, as schedulers send before they kill) finishes the current
+        iteration and saves; a second one stops at once."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -633,11 +651,12 @@ class Trainer:
                 raise KeyboardInterrupt
             self._interrupted = True
 
-        previous = signal.signal(signal.SIGINT, handle)
+        previous = {sig: signal.signal(sig, handle) for sig in STOP_SIGNALS}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _all_have_images(self, has_images: bool) -> bool:
         """Whether every process has images this iteration (all processes must step together)."""
@@ -646,6 +665,8 @@ class Trainer:
     def close(self) -> None:
         self.display.close()
         self.metrics.close()
+        if self._lock is not None:
+            self._lock.release()
 
 
 #: What each strategy method must return, for the error when it does not.
@@ -695,7 +716,8 @@ def _is_cnn(backbone: nn.Module) -> bool:
 
 
 def _ignore_sigint(worker_id: int) -> None:
-    """Data-loading workers leave Ctrl-C to the main process, which saves a checkpoint."""
+    """Data-loading workers leave Ctrl-C to the main process, which saves a checkpoint. (Not
+    SIGTERM: the DataLoader ends workers that do not stop in time with it.)"""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
