@@ -245,6 +245,8 @@ def test_bad_images_are_skipped_counted_and_reported_and_the_run_goes_on(tmp_pat
         line = next(x for x in result.stderr.splitlines() if x.startswith(f"epoch {epoch}/2 done: "))
         assert line.endswith(", 4 unreadable image(s) skipped"), line
     assert "8 unreadable image(s) were skipped in this run" in result.stderr
+    named = [x for x in result.stderr.splitlines() if x.startswith("warning: skipped unreadable image ")]
+    assert sorted(x.split(" ")[4].rstrip(":") for x in named) == sorted(str(p) for p in bad)  # each once
     assert "Traceback" not in result.output
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_images"] for r in records if r.get("summary") == "epoch"] == [4, 4]

@@ -264,6 +264,7 @@ CLI_CONFIG_CASES = [
     (["--norm-last-layer", "yes"], "Got unexpected extra argument"),
     (["--global-crops-scale", "0.5"], "Option '--global-crops-scale' requires 2 arguments"),
     (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+    (["--num-workers", "-5"], "--num-workers must be -1 (from the cores) or at least 0, got -5"),
     (["--epochs", "5", "--warmup-epochs", "10"], "--warmup-epochs 10 is longer than the run (--epochs 5); give at most 5 (the reference warms up for a tenth of the run: --warmup-epochs 0)"),
     (["--global-crops-scale", "0.5", "1.5"], "--global-crops-scale must satisfy 0 < min <= max <= 1, got 0.5 1.5"),
     (["--local-crops-scale", "0", "0.4"], "--local-crops-scale must satisfy 0 < min <= max <= 1, got 0.0 0.4"),

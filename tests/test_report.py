@@ -87,16 +87,22 @@ def test_report_output_option_and_run_without_diagnostics(tmp_path, cli):
                          "(its folder {tmp}/run?)"),
         ("no-metrics", "metrics.jsonl not found"),
         ("empty", "holds no metrics yet"),
+        ("garbage", "metrics.jsonl holds no metrics records (JSON objects with an 'iteration'): is it a dinocli log?"),
+        ("bad-iteration", "metrics.jsonl, line 2: 'iteration' is 'x', not a number"),
         ("output-file", "--output {tmp}/taken is a file; give a folder"),
         ("output-under-file", "--output {tmp}/taken/report: {tmp}/taken is a file, not a folder"),
     ],
 )
 def test_report_errors_are_one_line_with_exit_code_2(tmp_path, cli, setup, message):
     run = tmp_path / "run"
-    if setup in ("no-metrics", "empty"):
+    if setup in ("no-metrics", "empty", "garbage", "bad-iteration"):
         run.mkdir()
     if setup == "empty":
         (run / "metrics.jsonl").write_text("\n")
+    if setup == "garbage":
+        (run / "metrics.jsonl").write_text("epoch 1 loss 2.0\n[1, 2]\n")
+    if setup == "bad-iteration":
+        (run / "metrics.jsonl").write_text('{"iteration": 1, "loss": 2.0}\n{"iteration": "x", "loss": "NaN"}\n')
     extra = []
     if setup.startswith("output"):
         write_run(run)

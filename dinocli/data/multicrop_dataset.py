@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import inspect
 import io
+import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -152,6 +153,7 @@ class MultiCropDataset(Dataset):
         self.augmentation = augmentation
         self.seed = int(seed)
         self.on_bad_image = on_bad_image
+        self._reported: set[Any] = set()  # the unreadable images this process has named
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
 
     @property
@@ -199,6 +201,9 @@ class MultiCropDataset(Dataset):
         except DECODE_ERRORS as exc:
             if self.on_bad_image == "fail":
                 raise BadImageError(f"cannot decode image {path}: {exc}") from exc
+            if path not in self._reported:  # each once per process: the epoch summary counts them all
+                self._reported.add(path)
+                print(f"warning: skipped unreadable image {path}: {exc}", file=sys.stderr, flush=True)
             return None
         if not self.plans:
             try:

@@ -16,14 +16,19 @@ def load_metrics(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise UsageError(f"{path} not found: is {path.parent} the --output folder of 'dino pretrain'?")
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
         if isinstance(record, dict) and "iteration" in record:
+            if isinstance(record["iteration"], bool) or not isinstance(record["iteration"], (int, float)):
+                raise UsageError(f"{path}, line {number}: 'iteration' is {record['iteration']!r}, not a number")
             records.append(record)
     if not records:
+        if any(line.strip() for line in lines):
+            raise UsageError(f"{path} holds no metrics records (JSON objects with an 'iteration'): is it a dinocli log?")
         raise UsageError(f"{path} holds no metrics yet: train for at least one logged iteration")
     return records
 

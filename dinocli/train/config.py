@@ -306,6 +306,8 @@ def validate(cfg: PretrainConfig) -> None:
                  "warmup_teacher_temp_epochs"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{_flag(name)} must not be negative, got {getattr(cfg, name)}")
+    if cfg.num_workers < -1:
+        raise UsageError(f"--num-workers must be -1 (from the cores) or at least 0, got {cfg.num_workers}")
     if cfg.warmup_epochs > cfg.epochs:
         raise UsageError(
             f"--warmup-epochs {cfg.warmup_epochs} is longer than the run (--epochs {cfg.epochs}); "
