@@ -86,9 +86,9 @@ def read_backbone_weights(path: str | Path, checkpoint_key: str = "teacher") -> 
         state, meta, spec = read_huggingface_folder(Path(path))
         return BackboneWeights(state, {}, spec, meta)
     path = _existing(path)
-    if _is_safetensors(path) or _is_torchscript(path):
+    if is_safetensors(path) or _is_torchscript(path):
         _one_network(path, checkpoint_key)
-    if _is_safetensors(path):
+    if is_safetensors(path):
         tensors, meta = _read_safetensors(path)
         spec = json.loads(meta[BACKBONE_SPEC_KEY]) if BACKBONE_SPEC_KEY in meta else None
         backbone, head = _split(tensors)
@@ -291,7 +291,8 @@ def _existing(path: str | Path) -> Path:
     return path
 
 
-def _is_safetensors(path: Path) -> bool:
+def is_safetensors(path: Path) -> bool:
+    """Whether ``path`` starts as a safetensors file: an 8-byte header length, then its JSON ``{``."""
     with open(path, "rb") as f:
         head = f.read(9)
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1

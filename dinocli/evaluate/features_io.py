@@ -135,13 +135,15 @@ _WEIGHTS_HINT = (
 
 def _is_torch_file(path: Path) -> bool:
     """Whether ``path`` starts like a ``torch.save`` file (a zip archive or a legacy pickle) and not
-    like safetensors (an 8-byte header length, then the JSON header's ``{``)."""
+    like safetensors."""
+    from dinocli.weights import is_safetensors
+
     try:
         with path.open("rb") as f:
-            head = f.read(9)
+            head = f.read(4)
+        return not is_safetensors(path) and (head == b"PK\x03\x04" or head[:1] == b"\x80")
     except OSError:
         return False
-    return head[8:9] != b"{" and (head[:4] == b"PK\x03\x04" or head[:1] == b"\x80")
 
 
 def require_same_classes(train: list[str], val: list[str]) -> None:
