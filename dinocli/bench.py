@@ -13,6 +13,7 @@ the model is ``ceil(1.1 * step rate / rate per worker)``, at most the number of 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 import time
@@ -197,43 +198,41 @@ def _sync(device: torch.device) -> None:
 
 
 def run_bench(
-    data: str | Path,
-    arch: str = "vit_small",
-    patch_size: int = 16,
-    out_dim: int = 65536,
-    precision: str = "auto",
-    device: str = "auto",
-    num_workers: int = -1,
-    batch_size: int = 64,
+    data: str | Path | None = None,
+    config: str | Path | None = None,
     images: int = 200,
     steps: int = 5,
-    augment_on: str = "cpu",
-    global_crop_size: int = 224,
-    local_crop_size: int = 96,
-    local_crops_number: int = 8,
+    **options: Any,
 ) -> BenchResult:
-    """Measure the four rates on the images under ``data`` and say what limits training."""
+    """Measure the four rates on the images under ``data`` and say what limits training.
+
+    ``options`` are ``dino pretrain`` options (``arch="vit_small"``, ``recipe="auto"``,
+    ``augment_on="split"`` ...), over the TOML ``config`` file, over the defaults: the step timed is
+    that run's. ``data`` defaults to the config's."""
     from dinocli.data.multicrop_dataset import collate_multicrop
     from dinocli.distributed import ProcessGroup
     from dinocli.runtime import resolve_device, resolve_precision, training_workers
     from dinocli.train.config import resolve_config
     from dinocli.train.loop import Trainer
 
-    if images < 1 or steps < 1 or batch_size < 1:
+    if images < 1 or steps < 1 or (options.get("batch_size") or 1) < 1:
         raise UsageError("--images, --steps and --batch-size must be positive")
-    paths = list_images(data)  # files or tar shard members
-    cpus = usable_cpus()
-    batch_size = min(batch_size, len(paths))
+    overrides = {k: v for k, v in options.items() if v is not None}
+    if data is not None:
+        overrides["data"] = str(data)
     with tempfile.TemporaryDirectory(prefix="dino-bench-") as out:
-        cfg = resolve_config(overrides={
-            "data": str(data), "output": out, "arch": arch, "patch_size": patch_size,
-            "out_dim": out_dim, "precision": precision, "device": device, "batch_size": batch_size,
-            "augment_on": augment_on, "global_crop_size": global_crop_size,
-            "local_crop_size": local_crop_size, "local_crops_number": local_crops_number,
-            "epochs": 1, "warmup_epochs": 0, "progress": False, "num_workers": num_workers,
-        })  # fmt: skip
+        # one epoch without warm-up: the step's cost does not depend on the schedules
+        overrides.update(output=out, epochs=1, warmup_epochs=0, progress=False)
+        cfg = resolve_config(config, overrides)
+        if not cfg.data:
+            raise UsageError("give --data, or a --config that names the data")
+        paths = list_images(cfg.data)  # files or tar shard members
+        cpus = usable_cpus()
+        batch_size = min(cfg.batch_size, len(paths))
+        cfg = dataclasses.replace(cfg, batch_size=batch_size)
         dev = resolve_device(cfg.device)
-        workers = num_workers if num_workers >= 0 else training_workers(dev, augment_on)
+        augment_on = cfg.augment_on
+        workers = cfg.num_workers if cfg.num_workers >= 0 else training_workers(dev, augment_on)
         trainer = Trainer(cfg, ProcessGroup(), dev, resolve_precision(cfg.precision, dev), False)
         try:
             dataset = trainer.make_dataset(seed=0)
@@ -242,7 +241,7 @@ def run_bench(
             with_workers = loader_rate(dataset, workers, min(batch_size, 16), images)
             batch = collate_multicrop([dataset[i % len(dataset)] for i in range(batch_size)])
             if not batch.crops:
-                raise UsageError(f"no image under {data} could be decoded")
+                raise UsageError(f"no image under {cfg.data} could be decoded")
             step = step_rate(trainer, batch.crops, steps)
             end_to_end = end_to_end_rate(trainer, dataset, workers, batch_size, steps)
             split = None  # where the workers limit: their rate with the colour left to the device
@@ -260,7 +259,7 @@ def run_bench(
         bottleneck="data" if with_workers < step else "model",
         recommended_num_workers=recommended,
         details={
-            "arch": arch, "patch_size": patch_size, "device": str(dev), "precision": trainer.precision,
+            "arch": cfg.arch, "patch_size": cfg.patch_size, "device": str(dev), "precision": trainer.precision,
             "num_workers": workers, "batch_size": batch_size, "augment_on": augment_on,
             "images": len(paths), "cpus": cpus, "data_wait_share": round(end_to_end.data_wait_share, 3),
             "split_images_per_s_per_worker": None if split is None else round(split, 1),

@@ -206,6 +206,12 @@ def destroy_distributed() -> None:
     _owned_group, _host = False, None
 
 
+def require_not_under_torchrun() -> None:
+    """A one-line error in a process that torchrun started: it cannot start processes of its own."""
+    if "RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
+        raise UsageError("--nproc-per-node cannot be used under torchrun, which started the processes")
+
+
 def launch_local_processes(nproc_per_node: int, module_args: list[str]) -> None:
     """Run ``python -m dinocli MODULE_ARGS`` in ``nproc_per_node`` processes under torchrun.
 
@@ -217,8 +223,7 @@ def launch_local_processes(nproc_per_node: int, module_args: list[str]) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    if "RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
-        raise UsageError("--nproc-per-node cannot be used under torchrun, which started the processes")
+    require_not_under_torchrun()
     if nproc_per_node < 1:
         raise UsageError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
     # torchrun would set 1 thread per process; share the CPU cores out instead.

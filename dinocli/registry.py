@@ -9,7 +9,9 @@ everything else keeps working. Set ``DINOCLI_PLUGINS`` to restrict external plug
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Iterable
@@ -96,6 +98,8 @@ class Registry:
 
     def __init__(self) -> None:
         self.plugins: dict[str, PluginInfo] = {}
+        #: Entry points not loaded because a plugin of their name was loaded first (shown by ``dino plugins``).
+        self.ignored: list[PluginInfo] = []
         self._entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
         self._families: dict[str, dict[str, Family]] = {kind: {} for kind in KINDS}
         self._pm = pluggy.PluginManager(hookspecs.PROJECT)
@@ -136,6 +140,8 @@ class Registry:
                     f"that name was already loaded from {first.distribution}",
                     file=sys.stderr,
                 )
+                info.error = f"not loaded: the name is taken by {first.distribution}"
+                self.ignored.append(info)
                 continue
             with contextlib.redirect_stdout(sys.stderr):
                 try:
@@ -156,16 +162,14 @@ class Registry:
         except Exception as exc:  # noqa: BLE001 - includes pluggy.PluginValidationError
             if self._pm.is_registered(module):
                 self._pm.unregister(module)
-            self._fail(info, _one_line(exc), exc)
+            self._fail(info, _hook_problem(exc), exc)
             return
         for kind, (hook_name, *_) in KINDS.items():
             impls = [i for i in getattr(self._pm.hook, hook_name).get_hookimpls() if i.plugin_name == info.name]
             if not impls and callable(getattr(module, hook_name, None)):
-                print(
-                    f"dinocli: plugin {info.name!r}: {hook_name} is not marked with @dinocli.hookimpl, "
-                    "so it is not called",
-                    file=sys.stderr,
-                )
+                problem = f"{hook_name} is not marked with @dinocli.hookimpl, so it is not called"
+                print(f"dinocli: plugin {info.name!r}: {problem}", file=sys.stderr)
+                info.error = info.error or problem  # shown by `dino plugins`; the plugin's other hooks still run
             for impl in impls:
                 try:
                     impl.function(register=self._register_callback(kind, info))
@@ -308,6 +312,20 @@ def _allowed_external() -> set[str] | None:
     return {name.strip() for name in value.split(",") if name.strip()}
 
 
+def _hook_problem(exc: BaseException) -> str:
+    """What pluggy found wrong with a plugin's hooks, in dinocli's words: a misspelled hook name, or a
+    hook whose argument is not ``register``; anything else as pluggy says it, on one line."""
+    text = _one_line(exc)
+    hooks = [hook for hook, *_ in KINDS.values()]
+    if found := re.match(r"unknown hook '(\w+)'", text):
+        close = difflib.get_close_matches(found.group(1), hooks, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"dinocli's hooks are {', '.join(hooks)}"
+        return f"unknown hook {found.group(1)!r}; {hint}"
+    if found := re.search(r"hookimpl definition: (\w+\(.*?\))", text):
+        return f"hook {found.group(1)} must take one argument named 'register'"
+    return text
+
+
 def _one_line(exc: BaseException) -> str:
     """The message of ``exc`` with its lines joined (pluggy says what is wrong on the later ones)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -419,6 +437,12 @@ def create_collapse_strategy(name: str, **kwargs: Any) -> Any:
         raise DinoError(
             f"{registry.describe('collapse_strategies', name)} is broken: its factory must return a "
             f"dinocli.CollapseStrategy, got {type(strategy).__name__}"
+        )
+    if getattr(strategy, "provides_targets", True) and type(strategy).targets is CollapseStrategy.targets:
+        raise DinoError(
+            f"{registry.describe('collapse_strategies', name)} is broken: {type(strategy).__name__} has "
+            "provides_targets = True (the default) but does not define targets(); a strategy that only adds a "
+            "regulariser sets provides_targets = False"
         )
     return strategy
 

@@ -53,6 +53,7 @@ class BackboneWeights:
 def torch_load(path: str | Path) -> Any:
     """``torch.load`` with ``weights_only=True`` (plus ``argparse.Namespace``), on the CPU."""
     path = _existing(path)
+    _require_torch_save(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
             # a file that is read is fine and one that is not is one error line: no warning besides
@@ -69,12 +70,28 @@ def torch_load(path: str | Path) -> Any:
             f"{path} is not a PyTorch checkpoint dinocli can read (not a valid weights-only pickle)"
         ) from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"{path} is not a readable PyTorch checkpoint: {reason}") from None
+        # PyTorch's zip reader appends a paragraph of advice to its first sentence: keep the sentence
+        reason = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupted): {reason}") from None
     except Exception as exc:  # noqa: BLE001 - malformed pickles raise anything (IndexError, struct.error)
         raise UsageError(
             f"{path} is not a readable PyTorch checkpoint: {type(exc).__name__}: {exc}"
         ) from None
+
+
+def is_torch_save(path: Path) -> bool:
+    """Whether ``path`` starts as a ``torch.save`` output: a zip archive, or a pickle (protocol >= 2)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
+def _require_torch_save(path: Path) -> None:
+    """Refuse a file that cannot be a ``torch.save`` output before PyTorch reads it (its errors say less)."""
+    if path.stat().st_size == 0:
+        raise UsageError(f"{path} is empty, not a PyTorch checkpoint")
+    if not is_torch_save(path):
+        raise UsageError(f"{path} is not a PyTorch checkpoint: it is neither a zip archive nor a pickle")
 
 
 def read_backbone_weights(path: str | Path, checkpoint_key: str = "teacher") -> BackboneWeights:

@@ -166,6 +166,14 @@ def truncated_safetensors(path: Path, keep: float = 0.5) -> Path:
     return path
 
 
+def truncated_checkpoint(path: Path, keep: float = 0.5) -> Path:
+    """The first half of a real ``torch.save`` checkpoint, as an interrupted copy leaves it."""
+    buffer = io.BytesIO()
+    torch.save({"teacher": tiny_vit_state()}, buffer)
+    path.write_bytes(buffer.getvalue()[: int(len(buffer.getvalue()) * keep)])
+    return path
+
+
 def other_architecture(path: Path) -> Path:
     """A vit_tiny state dict (192 wide) saved as a plain ``.pth``: not a vit_small."""
     torch.save(tiny_vit_state(), path)

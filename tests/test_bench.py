@@ -162,3 +162,28 @@ def test_pretrain_config_validates_augment_on():
     assert resolve_config(overrides={**base, "augment_on": "split"}).augment_on == "split"
     with pytest.raises(UsageError, match="augment-on"):
         resolve_config(overrides={**base, "augment_on": "tpu"})
+
+
+def test_bench_times_the_run_a_config_file_describes_with_the_options_over_it(cli, images, tmp_path, monkeypatch):
+    import dinocli.bench
+    from dinocli.train.config import to_toml
+
+    run_config = tmp_path / "config.toml"  # as `dino pretrain` writes it into its run folder
+    run_config.write_text(to_toml(resolve_config(overrides={
+        "data": str(images), "output": str(tmp_path / "run"), "arch": "vit_tiny", "patch_size": 8, "out_dim": 32,
+        "global_crop_size": 32, "local_crop_size": 16, "local_crops_number": 2, "batch_size": 4, "depth": 2,
+        "patch_embed": "conv", "device": "cpu", "precision": "fp32", "num_workers": 0,
+    })))  # fmt: skip
+    timed = {}
+
+    def step_rate(trainer, crops, steps):
+        timed.update(blocks=len(trainer.student.backbone.blocks), spec=trainer.spec, crops=[c.shape for c in crops])
+        return 100.0
+
+    monkeypatch.setattr(dinocli.bench, "step_rate", step_rate)
+    result = cli.invoke(app, ["bench", "--config", str(run_config), "--depth", "3", "--images", "8", "--steps", "1"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("8 images, vit_tiny/8 on cpu (fp32), batch 4")
+    assert timed["blocks"] == 3 and timed["spec"]["kwargs"]["depth"] == 3  # the command line over the file
+    assert timed["spec"]["kwargs"]["patch_embed"] == "conv"  # the file over the defaults
+    assert timed["crops"] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 2

@@ -372,3 +372,30 @@ def test_nproc_per_node_is_refused_inside_torchrun(images, tmp_path, cli, monkey
     assert result.exit_code == 2
     assert "cannot be used under torchrun" in result.output
 
+
+
+@pytest.mark.parametrize("problem", ["empty_data", "small_data", "output_file"])
+def test_launch_says_an_input_error_once_before_starting_processes(images, tmp_path, cli, monkeypatch, problem):
+    from dinocli import distributed
+    from dinocli.cli import app
+
+    def never(*_):
+        raise AssertionError("processes were started")
+
+    monkeypatch.setattr(distributed, "launch_local_processes", never)
+    data, out = images, tmp_path / "run"
+    if problem == "empty_data":
+        data = tmp_path / "empty"
+        data.mkdir()
+    elif problem == "output_file":
+        out.write_text("a file")
+    result = cli.invoke(app, ["pretrain", "--data", str(data), "--output", str(out), "--nproc-per-node", "2",
+                              "--batch-size", "8" if problem == "small_data" else "2", *cli_args(TINY)])
+    expected = {
+        "empty_data": f"error: no images found under {data}",
+        "small_data": "error: 8 images are fewer than one global batch of 16 (2 processes x --batch-size 8); "
+                      "lower --batch-size",
+        "output_file": f"error: --output {out} is a file; give a folder",
+    }[problem]
+    assert result.exit_code == 2, result.output
+    assert result.output.count("error:") == 1 and expected in result.output, result.output

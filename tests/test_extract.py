@@ -133,6 +133,7 @@ def test_bf16_on_cpu_is_close_to_fp32_and_the_model_is_left_as_found(tmp_path: P
     assert model.training and seen == [2, 1]
     bf16 = extract_folder(model, root, resize=32, crop_size=32, precision="bf16")
     assert bf16.metadata["precision"] == "bf16" and fp32.metadata["precision"] == "fp32"
+    assert fp32.metadata["data"] == str(root.resolve())  # which images, so knn can tell a train/val pair
     assert torch.nn.functional.cosine_similarity(bf16.features, fp32.features).min() > 0.99
     assert not torch.equal(bf16.features, fp32.features)
 

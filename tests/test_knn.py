@@ -409,6 +409,23 @@ def test_one_step_form_compares_the_classes_before_loading_the_model(tmp_path: P
 
 
 @pytest.mark.parametrize("command", ["knn", "linear"])
+def test_features_of_the_same_images_under_two_names_are_a_warning(tmp_path: Path, cli, command) -> None:
+    args = ["-k", "5"] if command == "knn" else ["--epochs", "1", "--holdout", "0", "--lr", "0.1"]
+    for name, data, seed in (("t", "/data/train", 3), ("again", "/data/train", 4), ("v", "/data/val", 5)):
+        x, y = clustered(20, 8, 2, noise=1.5, seed=seed)
+        save_features(tmp_path / f"{name}.safetensors", Features(x, y, ["a", "b"], metadata={"data": data}))
+    same = cli.invoke(app, [command, "--train", str(tmp_path / "t.safetensors"), "--val",
+                            str(tmp_path / "again.safetensors"), *args])  # fmt: skip
+    assert same.exit_code == 0, same.output
+    assert same.stderr.startswith("warning: --train and --val are features of the same images (/data/train): "
+                                  "the accuracy is measured on the training images, not on held-out ones\n")
+    other = cli.invoke(app, [command, "--train", str(tmp_path / "t.safetensors"), "--val",
+                             str(tmp_path / "v.safetensors"), *args])  # fmt: skip
+    assert other.exit_code == 0, other.output
+    assert "warning" not in other.stderr
+
+
+@pytest.mark.parametrize("command", ["knn", "linear"])
 def test_the_same_train_and_val_data_is_a_warning(tmp_path: Path, cli, command) -> None:
     write_features(tmp_path / "t.safetensors", 40, 8, 2, seed=3)
     write_features(tmp_path / "v.safetensors", 10, 8, 2, seed=4)

@@ -234,3 +234,30 @@ def test_loggers_already_started_are_closed_when_a_later_one_cannot_start(tmp_pa
     with pytest.raises(UsageError, match="dinocli\\[tensorboard\\]"):
         open_loggers("tracker,tensorboard", tmp_path, {}, warn=print)
     assert closed == [True]
+
+
+def test_a_logger_without_log_or_close_is_named_when_the_run_starts(tmp_path, fresh_registry):
+    class NoClose:
+        def __init__(self, **kwargs):
+            pass
+
+        def log(self, record):
+            pass
+
+    @dinocli.hookimpl
+    def dinocli_register_loggers(register):
+        register("no-close", NoClose)
+        register("nothing", lambda **kwargs: object())
+
+    get_registry().add_plugin(SimpleNamespace(dinocli_register_loggers=dinocli_register_loggers),
+                              PluginInfo("half-plugin", "test", "0", builtin=False))
+    warnings: list[str] = []
+    loggers = open_loggers("no-close,nothing,jsonl", tmp_path, {}, warn=warnings.append)
+    assert list(loggers.loggers) == ["jsonl"]
+    assert warnings == [
+        "warning: logger 'no-close' from plugin 'half-plugin' is broken: it has no close() method; "
+        "training goes on without it",
+        "warning: logger 'nothing' from plugin 'half-plugin' is broken: it has no log() and no close() method; "
+        "training goes on without it",
+    ]
+    loggers.close()

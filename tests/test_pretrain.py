@@ -69,6 +69,19 @@ def test_exact_resume_matches_uninterrupted_run(images, tmp_path):
     assert all(0 <= r["data_wait"] <= 1 for r in records if "summary" not in r)  # share waiting for data
 
 
+def test_new_run_replaces_the_metrics_of_an_earlier_run_without_checkpoint(images, tmp_path, capsys):
+    run = tmp_path / "run"
+    pretrain(config(images, run, epochs=1))
+    earlier = (run / "metrics.jsonl").read_text().splitlines()
+    for ckpt in run.glob("checkpoint*.pth"):
+        ckpt.unlink()  # the user deleted the checkpoints to start over
+    pretrain(config(images, run, epochs=1))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == len(earlier)  # not appended to the earlier run's records
+    assert [r["iteration"] for r in records if "summary" not in r] == [1, 2]
+    assert "has no checkpoint to resume: this new run replaces the records of the earlier one" in capsys.readouterr().err
+
+
 def test_checkpoint_contents_and_loading(images, tmp_path):
     run = tmp_path / "run"
     pretrain(config(images, run, epochs=1))

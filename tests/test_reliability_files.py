@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 import broken_files as bf
@@ -70,6 +71,10 @@ def make_weights(kind: str, folder: Path) -> Path:
         return bf.random_bytes(folder / "noise.pth", 4096, seed=1)
     if kind == "truncated_safetensors":
         return bf.truncated_safetensors(folder / "cut.safetensors")
+    if kind == "truncated_checkpoint":
+        return bf.truncated_checkpoint(folder / "cut.pth")
+    if kind == "text":
+        return bf.not_an_image(folder / "page.pth")
     if kind == "other_architecture":
         return bf.other_architecture(folder / "vit_tiny.pth")
     if kind == "code_zip":
@@ -89,8 +94,11 @@ def make_weights(kind: str, folder: Path) -> Path:
 WEIGHTS_CASES = [
     ("missing", 2, "weights file not found: {path}"),
     ("folder", 2, "{path} is a folder, not a weights file"),
-    ("zero_byte", 2, "{path} is not a readable PyTorch checkpoint: EOFError"),
-    ("random_bytes", 2, "{path} is not a PyTorch checkpoint dinocli can read (not a valid weights-only pickle)"),
+    ("zero_byte", 2, "{path} is empty, not a PyTorch checkpoint"),
+    ("random_bytes", 2, "{path} is not a PyTorch checkpoint: it is neither a zip archive nor a pickle"),
+    ("text", 2, "{path} is not a PyTorch checkpoint: it is neither a zip archive nor a pickle"),
+    ("truncated_checkpoint", 2, "{path} is not a readable PyTorch checkpoint (truncated or corrupted): "
+     "PytorchStreamReader failed reading zip archive: failed finding central directory"),
     ("truncated_safetensors", 2, "{path} is not a valid safetensors file: "),
     ("other_architecture", 2,
      "the weights do not fit vit_small: 'cls_token' has shape [1, 1, 192] in the file but [1, 1, 384] in the model"),
@@ -173,6 +181,15 @@ def broken_features(kind: str, path: Path) -> Path:
         save_file({"features": x, "labels": torch.arange(20) % 2}, str(path))
     elif kind == "dims":
         features_file(path, dim=12)
+    elif kind in ("label_past_classes", "label_below_unlabelled", "float_labels"):
+        from dinocli.evaluate.features_io import Features, save_features
+
+        save_features(path, Features(torch.randn(20, 8), torch.arange(20) % 2, ["c0", "c1"]))
+        labels = {"label_past_classes": torch.arange(20) % 3, "label_below_unlabelled": torch.arange(20) - 2,
+                  "float_labels": (torch.arange(20) % 2).float()}[kind]
+        with safe_open(str(path), "pt") as f:
+            meta, features = f.metadata(), f.get_tensor("features")
+        save_file({"features": features, "labels": labels}, str(path), metadata=meta)
     return path
 
 
@@ -180,6 +197,9 @@ FEATURE_CASES = [
     ("zero_byte", "{path} is not a valid safetensors features file: Error while deserializing header"),
     ("random_bytes", "{path} is not a valid safetensors features file: "),
     ("labels_missing", "{path} is not a dinocli features file: it lacks the labels tensor"),
+    ("label_past_classes", "{path}: row 2 has label 2; labels are 0 to 1 for its 2 classes, or -1 for unlabelled"),
+    ("label_below_unlabelled", "{path}: row 0 has label -2; labels are 0 to 1 for its 2 classes, or -1 for unlabelled"),
+    ("float_labels", "{path}: the labels are float32, not whole numbers"),
     ("no_rows", "the train features must be a non-empty [N, D] matrix"),
     ("labels_short", "{path}: features [20, 8] and labels [19] do not form an [N, D] / [N] pair"),
     ("nan_train", "the train features hold NaN or infinite values (2 rows, the first is row 7)"),
@@ -451,6 +471,9 @@ BROKEN_OUTPUTS = """
         def metrics(self):
             return {"center": self.center} if self.odd == "tensor" else {}
 
+    class NoTargets(dinocli.CollapseStrategy):
+        pass  # provides_targets = True, inherited, and the base class's targets()
+
     @dinocli.hookimpl
     def dinocli_register_backbones(register):
         register("narrow_net", Narrow)
@@ -465,10 +488,11 @@ BROKEN_OUTPUTS = """
         for odd in ("narrow", "logits", "vector", "tensor"):
             register(f"odd-{odd}", lambda odd=odd, **kw: Odd(odd=odd, **kw))
         register("not-a-strategy", lambda **kw: object())
+        register("no-targets", lambda **kw: NoTargets())
 """
 
 IN_RUN = "at epoch 1, iteration 1: "
-KEPT = "; the last checkpoint ({checkpoint}) is intact"
+KEPT = "; no checkpoint was written yet"  # a fresh run failing at its first iteration
 BROKEN_OUTPUT_CASES = {
     "backbone width": (["--arch", "narrow_net"],
                        "backbone 'narrow_net' from plugin 'dinotest-outputs' returned a [8, 8] tensor for a batch of "
@@ -483,6 +507,10 @@ BROKEN_OUTPUT_CASES = {
     "not a strategy": (["--collapse", "not-a-strategy"],
                        "collapse strategy 'not-a-strategy' from plugin 'dinotest-outputs' is broken: its factory must "
                        "return a dinocli.CollapseStrategy, got object"),
+    "targets missing": (["--collapse", "no-targets"],
+                        "collapse strategy 'no-targets' from plugin 'dinotest-outputs' is broken: NoTargets has "
+                        "provides_targets = True (the default) but does not define targets(); a strategy that only "
+                        "adds a regulariser sets provides_targets = False"),
     "targets shape": (["--collapse", "odd-narrow"],
                       "collapse strategy 'odd-narrow' from plugin 'dinotest-outputs' returned a [8, 10] tensor for "
                       "[8, 32] teacher logits from targets() " + IN_RUN + "targets() returns probabilities of the "

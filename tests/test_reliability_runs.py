@@ -284,12 +284,16 @@ def uninterrupted(tmp_path_factory):
     run = root / "run"
     proc = subprocess.run(dino_pretrain(data, run), capture_output=True, text=True, env=quiet_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr
-    return data, teacher(run)
+    return data, teacher(run), records_of(run)
+
+
+def records_of(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
 def test_kill_9_then_the_same_command_finishes_as_if_never_killed(uninterrupted, tmp_path):
-    data, reference = uninterrupted
+    data, reference, _ = uninterrupted
     run = tmp_path / "run"
     proc = subprocess.Popen(dino_pretrain(data, run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=quiet_env())
@@ -313,7 +317,7 @@ def test_kill_9_then_the_same_command_finishes_as_if_never_killed(uninterrupted,
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_saves_the_last_iteration_exits_130_and_resume_accepts_it(uninterrupted, tmp_path, stop):
-    data, reference = uninterrupted
+    data, reference, straight = uninterrupted
     run = tmp_path / "run"
     proc = subprocess.Popen(dino_pretrain(data, run), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=quiet_env())
@@ -335,3 +339,10 @@ def test_ctrl_c_saves_the_last_iteration_exits_130_and_resume_accepts_it(uninter
     assert again.returncode == 0, again.stderr
     assert f"resuming from {run / 'checkpoint.pth'}: epoch 0, iteration {saved['iteration']}" in again.stderr
     assert_same_weights(teacher(run), reference)
+    records = records_of(run)
+    assert [r["iteration"] for r in records if "summary" not in r] == [1, 2, 3, 4, 5, 6]  # the saved one too
+    summaries = [r for r in records if r.get("summary") == "epoch"]
+    expected = [r for r in straight if r.get("summary") == "epoch"]
+    assert [r["iteration"] for r in summaries] == [r["iteration"] for r in expected] == [3, 6]
+    # the resumed epoch's mean loss covers the whole epoch, not only its resumed part
+    assert [r["loss"] for r in summaries] == pytest.approx([r["loss"] for r in expected], rel=1e-6)

@@ -2,55 +2,40 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Optional
 
 import typer
 
 from dinocli.cli.app import command
+from dinocli.cli.options import pretrain_option
 
 
-@command(
-    name="bench",
-    rich_help_panel="Train",
-    short_help="What limits training here: decoding, augmentation or the model; the end-to-end rate.",
-    examples=("dino bench --data ~/images", "dino bench --data ~/images --arch vit_small --device cuda"),
-)
+#: The ``dino pretrain`` options that shape what is timed: the model, the crops, the data path.
+BENCH_OPTIONS = (
+    "recipe", "arch", "patch_size", "patch_embed", "depth", "pool", "out_dim", "norm_last_layer", "use_bn_in_head",
+    "drop_path_rate", "batch_size", "optimizer", "augmentation", "global_crops_scale", "local_crops_number",
+    "local_crops_scale", "global_crop_size", "local_crop_size", "augment_on", "collapse", "num_workers",
+    "precision", "device", "compile",
+)  # fmt: skip
+
+
 def bench_command(
-    data: Annotated[Path, typer.Option("--data", help="Folder of training images (searched recursively), or tar shards.")],
-    arch: Annotated[str, typer.Option("--arch", help="Backbone to time (see `dino plugins`).")] = "vit_small",
-    patch_size: Annotated[int, typer.Option("--patch-size", help="ViT patch size.")] = 16,
-    out_dim: Annotated[int, typer.Option("--out-dim", help="Prototypes of the DINO head.")] = 65536,
-    precision: Annotated[str, typer.Option("--precision", help="auto, fp32, bf16 or fp16.")] = "auto",
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    num_workers: Annotated[
-        int, typer.Option("--num-workers", help="Data-loading workers to time; -1: as dino pretrain picks them.")
-    ] = -1,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per training step.")] = 64,
-    augment_on: Annotated[
-        str,
-        typer.Option(
-            "--augment-on", help="cpu; split: colour timed in the step; gpu: decoding and augmentation timed in the step."
-        ),
-    ] = "cpu",
-    images: Annotated[int, typer.Option("--images", help="Images decoded/augmented per measurement.")] = 200,
-    steps: Annotated[int, typer.Option("--steps", help="Timed training steps (after one warm-up).")] = 5,
-    global_crop_size: Annotated[int, typer.Option("--global-crop-size", help="Global crop size (px).")] = 224,
-    local_crop_size: Annotated[int, typer.Option("--local-crop-size", help="Local crop size (px).")] = 96,
-    local_crops_number: Annotated[int, typer.Option("--local-crops-number", help="Local crops per image.")] = 8,
-    json_out: Annotated[bool, typer.Option("--json", help="Print only the figures, as JSON.")] = False,
+    data: Path | None,
+    config: Path | None,
+    images: int,
+    steps: int,
+    json_out: bool,
+    **options: Any,
 ) -> None:
-    """Measure decode, augmentation (per worker and with N workers) and training-step rates on this
-    machine; say whether data or model limits training and recommend --num-workers."""
+    """Measure decode, augmentation (per worker and with N workers), training-step and end-to-end rates
+    on this machine, with the options (or --config file) of a 'dino pretrain' run; say whether data or
+    model limits training and recommend --num-workers."""
     from dinocli.bench import recommend_workers, run_bench
 
-    result = run_bench(
-        data, arch=arch, patch_size=patch_size, out_dim=out_dim, precision=precision, device=device,
-        num_workers=num_workers, batch_size=batch_size, images=images, steps=steps,
-        augment_on=augment_on, global_crop_size=global_crop_size, local_crop_size=local_crop_size,
-        local_crops_number=local_crops_number,
-    )  # fmt: skip
+    result = run_bench(data, config=config, images=images, steps=steps, **options)
     if json_out:
         typer.echo(json.dumps(result.to_json()))
         return
@@ -81,3 +66,32 @@ def bench_command(
             f"try: --augment-on split (colour on the training device): {split:.0f} images/s per worker, "
             f"--num-workers {recommend_workers(result.step_images_per_s, split, d['cpus'])} would feed the model"
         )
+
+
+def _parameter(name: str, kind: Any, default: Any, *decls: str, help: str) -> inspect.Parameter:
+    option = typer.Option(*decls, help=help, rich_help_panel="Bench")
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, option])
+
+
+_params = [
+    _parameter("data", Optional[Path], None, "--data",
+               help="Folder of training images (searched recursively), or tar shards [default: --config's data]."),
+    _parameter("config", Optional[Path], None, "--config",
+               help="A 'dino pretrain' TOML file (a run's config.toml): time that run; options below override it."),
+    _parameter("images", int, 200, "--images", help="Images decoded/augmented per measurement."),
+    _parameter("steps", int, 5, "--steps", help="Timed training steps (after one warm-up)."),
+    _parameter("json_out", bool, False, "--json", help="Print only the figures, as JSON."),
+    *(pretrain_option(name) for name in BENCH_OPTIONS),
+]  # fmt: skip
+bench_command.__signature__ = inspect.Signature(_params)  # type: ignore[attr-defined]
+bench_command.__annotations__ = {p.name: p.annotation for p in _params}
+command(
+    name="bench",
+    rich_help_panel="Train",
+    short_help="What limits training here: decoding, augmentation or the model; the end-to-end rate.",
+    examples=(
+        "dino bench --data ~/images",
+        "dino bench --data ~/images --arch vit_small --device cuda",
+        "dino bench --config runs/vits16/config.toml --num-workers 10",
+    ),
+)(bench_command)

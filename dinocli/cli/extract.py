@@ -135,10 +135,18 @@ def input_form(train: Path | None, val: Path | None, train_data: Path | None, va
 
 
 def load_feature_pair(train: Path, val: Path) -> tuple[Any, Any]:
-    """The train and val features files, read; a warning where their preprocessing differs."""
+    """The train and val features files, read; a warning where they are of the same images, or where
+    their preprocessing differs."""
     from dinocli.evaluate.features_io import load_features, preprocessing_difference
 
     train_feats, val_feats = load_features(train), load_features(val)
+    data = train_feats.metadata.get("data")
+    if data is not None and data == val_feats.metadata.get("data") and Path(train).resolve() != Path(val).resolve():
+        typer.echo(
+            f"warning: --train and --val are features of the same images ({data}): the accuracy is measured "
+            "on the training images, not on held-out ones",
+            err=True,
+        )
     difference = preprocessing_difference(train_feats.metadata, val_feats.metadata)
     if difference is not None:
         typer.echo(f"warning: the train and val features were preprocessed differently ({difference})", err=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import inspect
+from dataclasses import MISSING
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -16,6 +18,30 @@ def complete_backbone(incomplete: str) -> list[str]:
         return get_registry().completions("backbones", incomplete)
     except DinoError:  # a plugin that cannot list its names completes nothing
         return []
+
+
+def pretrain_option(name: str) -> inspect.Parameter:
+    """The ``dino pretrain`` option of config field ``name`` (default ``None``: the config decides),
+    as a keyword parameter for a command's signature."""
+    from dinocli.train.config import FIELDS
+
+    f = FIELDS[name]
+    default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+    flag = name.replace("_", "-")
+    decls = [f"--{flag}/--no-{flag}"] if isinstance(default, bool) else [f"--{flag}"]
+    shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+    help_text = f.metadata["help"] + (f" \\[default: {shown}]" if shown != "" else "")
+    kind: Any = tuple[float, float] if isinstance(default, tuple) else type(default)
+    option = typer.Option(
+        *decls,
+        help=help_text,
+        rich_help_panel=f.metadata["panel"],
+        show_default=False,
+        autocompletion=complete_backbone if name == "arch" else None,
+    )
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[kind], option]
+    )
 
 
 CheckpointKey = Annotated[

@@ -17,7 +17,7 @@ from dinocli.registry import KINDS, Registry, get_registry
     name="plugins",
     rich_help_panel="Inspect",
     short_help="Installed plugins and what each provides.",
-    examples=("dino plugins", "dino plugins --json", "dino plugins --expand"),
+    examples=("dino plugins", "dino plugins --json", "dino plugins --expand", "dino plugins --check"),
 )
 def plugins_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
@@ -29,10 +29,14 @@ def plugins_command(
             "with --json, list them.",
         ),
     ] = False,
+    check: Annotated[
+        bool,
+        typer.Option("--check", help="Exit with code 1 when any plugin failed or was not loaded (for a plugin's CI)."),
+    ] = False,
 ) -> None:
     """List installed plugins and the backbones, augmentations, strategies, recipes and loggers they provide."""
     registry = get_registry()
-    infos = sorted(registry.plugins.values(), key=lambda i: (not i.builtin, i.name))
+    infos = sorted(registry.plugins.values(), key=lambda i: (not i.builtin, i.name)) + registry.ignored
     expanded, unlisted = _pattern_names(registry) if expand else ({}, {})
     if as_json:
         rows = []
@@ -47,24 +51,41 @@ def plugins_command(
                     row["pattern_errors"] = errors
             rows.append({**row, **provides})
         typer.echo(json.dumps({"plugins": rows}, indent=2))
+        _exit_on_failure(check, infos)
         return
 
     from rich.console import Console
     from rich.table import Table
 
+    console = Console()
+    wide = console.width >= WIDE_TABLE_COLUMNS  # one column per kind; else what each provides in one cell
     table = Table(title="dinocli plugins")
-    for col in ("plugin", "distribution", "version", *(KINDS[k][2] for k in KINDS), "status"):
-        table.add_column(col)
+    kinds = [KINDS[k][2] for k in KINDS]
+    for col in ("plugin", "distribution", "version", *kinds, "status") if wide else ("plugin", "from", "provides", "status"):
+        table.add_column(col, overflow="fold")
     for info in infos:
-        status = f"[red]failed: {info.error}[/red]" if info.error else "[green]ok[/green]"
-        table.add_row(
-            info.name,
-            info.distribution + (" (built-in)" if info.builtin else ""),
-            info.version,
-            *(", ".join(_shown(n, expanded, unlisted) for n in info.provides[k]) for k in KINDS),
-            status,
+        status = "[green]ok[/green]" if info.error is None else (
+            f"[red]{info.error}[/red]" if any(info is i for i in registry.ignored) else f"[red]failed: {info.error}[/red]"
         )
-    Console().print(table)
+        provided = [", ".join(_shown(n, expanded, unlisted) for n in info.provides[k]) for k in KINDS]
+        origin = info.distribution + (" (built-in)" if info.builtin else "")
+        if wide:
+            table.add_row(info.name, origin, info.version, *provided, status)
+        else:
+            lines = [f"{kind}: {names}" for kind, names in zip(kinds, provided) if names]
+            table.add_row(info.name, f"{origin} {info.version}", "\n".join(lines), status)
+    console.print(table)
+    _exit_on_failure(check, infos)
+
+
+def _exit_on_failure(check: bool, infos: list) -> None:
+    failed = [info.name for info in infos if info.error]
+    if check and failed:
+        raise DinoError(f"{len(failed)} plugin(s) have problems: {', '.join(failed)}")
+
+
+#: Terminal columns from which ``dino plugins`` shows one column per kind of plugin.
+WIDE_TABLE_COLUMNS = 150
 
 
 def _pattern_names(registry: Registry) -> tuple[dict[str, list[str]], dict[str, str]]:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import inspect
 import os
 import tempfile
-from dataclasses import MISSING
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from dinocli.cli.app import command
-from dinocli.cli.options import complete_backbone
+from dinocli.cli.options import pretrain_option
+from dinocli.errors import UsageError
 from dinocli.train.config import FIELDS
 
 HELP = " ".join(
@@ -24,31 +24,6 @@ HELP = " ".join(
     weight decay on pos_embed and cls_token, and a constant teacher temperature of 0.04 (see
     examples/ for the paper's 0.04 -> 0.07 warm-up recipe).""".split()
 )
-
-
-def _default(name: str) -> Any:
-    f = FIELDS[name]
-    return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-
-
-def _option(name: str) -> inspect.Parameter:
-    f = FIELDS[name]
-    default = _default(name)
-    flag = name.replace("_", "-")
-    decls = [f"--{flag}/--no-{flag}"] if isinstance(default, bool) else [f"--{flag}"]
-    shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-    help_text = f.metadata["help"] + (f" \\[default: {shown}]" if shown != "" else "")
-    kind = tuple[float, float] if isinstance(default, tuple) else type(default)
-    option = typer.Option(
-        *decls,
-        help=help_text,
-        rich_help_panel=f.metadata["panel"],
-        show_default=False,
-        autocompletion=complete_backbone if name == "arch" else None,
-    )
-    return inspect.Parameter(
-        name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[kind], option]
-    )
 
 
 def pretrain_command(**options: Any) -> None:
@@ -80,10 +55,20 @@ def pretrain_command(**options: Any) -> None:
 
 def _launch(cfg: Any, nproc_per_node: int) -> None:
     """Run this training in ``nproc_per_node`` processes under torchrun, with the resolved options."""
-    from dinocli.distributed import launch_local_processes
-    from dinocli.io import atomic_write_text
+    from dinocli.data import list_images
+    from dinocli.distributed import launch_local_processes, require_not_under_torchrun
+    from dinocli.io import atomic_write_text, check_output_path
     from dinocli.train.config import to_toml
 
+    # what every process would refuse alike is said once, here, before any process starts
+    require_not_under_torchrun()
+    check_output_path(Path(cfg.output), "--output", folder=True)
+    images, global_batch = len(list_images(cfg.data)), cfg.batch_size * nproc_per_node
+    if images < global_batch:
+        raise UsageError(
+            f"{images} images are fewer than one global batch of {global_batch} "
+            f"({nproc_per_node} processes x --batch-size {cfg.batch_size}); lower --batch-size"
+        )
     with tempfile.TemporaryDirectory(prefix="dinocli-launch-") as tmp:
         config = os.path.join(tmp, "config.toml")
         atomic_write_text(config, to_toml(cfg))
@@ -119,7 +104,7 @@ _params = [
             ),
         ],
     ),
-    *(_option(name) for name in FIELDS),
+    *(pretrain_option(name) for name in FIELDS),
 ]
 pretrain_command.__signature__ = inspect.Signature(_params)  # type: ignore[attr-defined]
 pretrain_command.__annotations__ = {p.name: p.annotation for p in _params}

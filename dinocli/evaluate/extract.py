@@ -285,6 +285,8 @@ def extract_features(
         "avgpool_patch_tokens": avgpool_patch_tokens,
         "precision": precision,
     }
+    if root is not None:  # which images: two files of the same ones are no train/val pair
+        meta["data"] = str(Path(root).resolve()) if Path(root).exists() else str(root)
     return Features(out, labels_t, list(classes), rel, meta)
 
 

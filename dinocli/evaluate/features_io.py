@@ -115,6 +115,7 @@ def load_features(path: str | Path) -> Features:
             "form an [N, D] / [N] pair"
         )
     classes = _json(meta.get("classes", "[]"), path, "classes")
+    _require_labels_in(labels, classes, path)
     if "paths_file" in meta:
         sidecar = path.with_name(meta["paths_file"])
         if not sidecar.is_file():
@@ -133,15 +134,28 @@ _WEIGHTS_HINT = (
 )
 
 
+def _require_labels_in(labels: torch.Tensor, classes: list[str], path: Path) -> None:
+    """Labels are whole numbers from 0 to ``len(classes) - 1`` (any count when the file names no classes),
+    or -1 for an image outside the class folders."""
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise UsageError(f"{path}: the labels are {str(labels.dtype).removeprefix('torch.')}, not whole numbers")
+    labels = labels.to(torch.int64)
+    outside = (labels < -1) | (labels >= len(classes)) if classes else labels < -1
+    if bool(outside.any()):
+        row = int(outside.nonzero()[0])
+        allowed = f"0 to {len(classes) - 1} for its {len(classes)} classes" if classes else "0 or more"
+        raise UsageError(
+            f"{path}: row {row} has label {int(labels[row])}; labels are {allowed}, or -1 for unlabelled"
+        )
+
+
 def _is_torch_file(path: Path) -> bool:
     """Whether ``path`` starts like a ``torch.save`` file (a zip archive or a legacy pickle) and not
     like safetensors."""
-    from dinocli.weights import is_safetensors
+    from dinocli.weights import is_safetensors, is_torch_save
 
     try:
-        with path.open("rb") as f:
-            head = f.read(4)
-        return not is_safetensors(path) and (head == b"PK\x03\x04" or head[:1] == b"\x80")
+        return not is_safetensors(path) and is_torch_save(path)
     except OSError:
         return False
 

@@ -102,6 +102,14 @@ def open_loggers(
                 raise
             except DinoError as exc:
                 warn(f"warning: {exc}; training goes on without it")
+                continue
+            missing = [m for m in ("log", "close") if not callable(getattr(loggers[name], m, None))]
+            if missing:  # said now, not when the first record (or the run's end) reaches it
+                del loggers[name]
+                warn(
+                    f"warning: {registry.describe('loggers', name)} is broken: it has no "
+                    f"{' and no '.join(f'{m}()' for m in missing)} method; training goes on without it"
+                )
     return Loggers(loggers, warn)
 
 

@@ -223,6 +223,9 @@ class Trainer:
         self._last_knn: dict[str, float] = {}
         self._interrupted = False
         self._stop_agreed = False
+        #: The loss sum and count of the epoch so far: a checkpoint saved mid-epoch keeps them, so the
+        #: resumed epoch's summary is the mean of the whole epoch.
+        self.epoch_loss: tuple[float, int] = (0.0, 0)
         self._unsettled: list[tuple[int, int, torch.Tensor]] = []  # (epoch, iteration, agreement)
         # last: a run the checks above refuse leaves no folder, and no logger's run is left open
         self._lock = None
@@ -279,6 +282,7 @@ class Trainer:
         """Continue from ``RUN/checkpoint.pth`` when it exists; says so."""
         path = self.out / LATEST
         if not path.exists():
+            self._forget_earlier_metrics()
             return False
         ckpt = load_checkpoint(path)
         saved = ckpt.get("config", {})
@@ -310,6 +314,8 @@ class Trainer:
         set_rng_state(ckpt["rng"])
         self.epoch, self.iteration = int(ckpt["epoch"]), int(ckpt["iteration"])
         self.skipped_images = int(ckpt.get("skipped_images", 0))
+        loss_sum, loss_count = ckpt.get("epoch_loss", (0.0, 0))
+        self.epoch_loss = (float(loss_sum), int(loss_count))
         self.metrics.rewind(self.iteration)
         self._adapt_to_epoch_length(
             int(ckpt.get("global_batch", self.global_batch)), int(ckpt.get("num_images", len(self.paths))), path
@@ -342,6 +348,16 @@ class Trainer:
         self.display.log(
             f"{'; '.join(changes)}: the schedules continue from the start of the next epoch"
         )
+
+    def _forget_earlier_metrics(self) -> None:
+        """A new run in a folder whose checkpoint is gone starts its metrics afresh, and says so."""
+        earlier = self.out / "metrics.jsonl"
+        if self.group.is_main and earlier.is_file() and earlier.stat().st_size:
+            self.display.log(
+                f"{self.out} has no checkpoint to resume: this new run replaces the records of the earlier one "
+                "in metrics.jsonl"
+            )
+        self.metrics.rewind(0)
 
     # -- training ---------------------------------------------------------------------------
 
@@ -399,7 +415,7 @@ class Trainer:
         self.student.train()
         self.display.start_epoch(self.epoch, done)
         temp = sched.teacher_temp(self.epoch)
-        total, count, skipped, stepped = 0.0, 0, 0, False
+        (total, count), skipped, stepped = (self.epoch_loss if done else (0.0, 0)), 0, False
         tick, tick_images = time.perf_counter(), 0
         start = time.perf_counter()
         batches = TimedIterator(loader)  # how long each logged interval waited for the workers
@@ -418,9 +434,8 @@ class Trainer:
             losses, extra = self.step(views, temp, momentum, diagnose=log_now)
             stepped = True
             total, count = total + sum(losses), count + len(losses)
+            self.epoch_loss = (total, count)
             self.iteration += 1
-            if self._stop_agreed or (self.group.world_size == 1 and self._interrupted):
-                self._save_interrupted()
             n_images = len(views) if hasattr(views, "finish") else views[0].shape[0]  # encoded or views
             tick_images += n_images * self.group.world_size
             if log_now:
@@ -439,6 +454,8 @@ class Trainer:
                 self.display.update({**record, **self._last_knn}, log_line=True)
             elif losses:
                 self.display.update({"loss": losses[-1]}, log_line=False)
+            if self._stop_agreed or (self.group.world_size == 1 and self._interrupted):
+                self._save_interrupted()  # after this iteration's log line
         losses = self.settle()
         total, count = total + sum(losses), count + len(losses)
         self.skipped_images += skipped
@@ -447,6 +464,7 @@ class Trainer:
             "epoch": self.epoch, "iteration": self.iteration, "loss": total / max(count, 1),
             "epoch_time_s": elapsed, "skipped_images": skipped, "summary": "epoch",
         }
+        self.epoch_loss = (0.0, 0)
         self.metrics.write(record)
         self.display.log(
             f"epoch {self.epoch + 1}/{cfg.epochs} done: loss {record['loss']:.4f}, "
@@ -538,7 +556,7 @@ class Trainer:
                 where = f" on at least one of {world} processes" if world > 1 else ""
                 raise DinoError(
                     f"the loss became {agreed.loss} at epoch {epoch + 1}, iteration {iteration + 1}"
-                    f"{where}; the last checkpoint ({self.out / LATEST}) is intact. Try --precision "
+                    f"{where}; {self._checkpoint_state()}. Try --precision "
                     "fp32, a lower --lr, a smaller --clip-grad or a longer --warmup-epochs"
                 )
             losses.append(agreed.loss)
@@ -578,8 +596,13 @@ class Trainer:
         return DinoError(
             f"collapse strategy {self.cfg.collapse!r} from {word} {', '.join(repr(p) for p in plugins)} "
             f"{what} at epoch {self.epoch + 1}, iteration {self.iteration + 1}: {detail}; "
-            f"the last checkpoint ({self.out / LATEST}) is intact"
+            f"{self._checkpoint_state()}"
         )
+
+    def _checkpoint_state(self) -> str:
+        """What a failed run leaves: its last checkpoint intact, or (before the first) none."""
+        latest = self.out / LATEST
+        return f"the last checkpoint ({latest}) is intact" if latest.is_file() else "no checkpoint was written yet"
 
     def _monitor_knn(self) -> dict[str, Any] | None:
         """The teacher's k-NN top-1 when ``--knn-every`` says so (main process; logged, shown and
@@ -609,6 +632,7 @@ class Trainer:
             "epoch": self.epoch,
             "iteration": self.iteration,
             "skipped_images": self.skipped_images,
+            "epoch_loss": [self.epoch_loss[0], self.epoch_loss[1]],
             "config": self.cfg.to_dict(),
             "global_batch": self.global_batch,
             "num_images": len(self.paths),
@@ -629,7 +653,8 @@ class Trainer:
 
     def _save_interrupted(self) -> None:
         """Ctrl-C or SIGTERM: keep the last completed iteration (resume accepts it), then stop."""
-        self.settle()  # no checkpoint of a step whose loss was not finite
+        losses = self.settle()  # no checkpoint of a step whose loss was not finite
+        self.epoch_loss = (self.epoch_loss[0] + sum(losses), self.epoch_loss[1] + len(losses))
         self.display.close()
         self.save(end_of_epoch=False)
         self.display.log(
