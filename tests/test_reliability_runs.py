@@ -278,9 +278,11 @@ def wait_for_iteration(proc: subprocess.Popen, run: Path, iteration: int, timeou
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """12 images, batches of 4: 3 iterations per epoch, 2 epochs, run straight through in a process."""
+    """12 images, one of them unreadable (skipped), batches of 4: 3 iterations per epoch, 2 epochs, run
+    straight through in a process."""
     root = tmp_path_factory.mktemp("straight")
     data = make_images(root / "images", 12)
+    bf.not_an_image(data / "6.png")  # image 8 in find_images order: the first one of the first batch (seed 3)
     run = root / "run"
     proc = subprocess.run(dino_pretrain(data, run), capture_output=True, text=True, env=quiet_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr
@@ -346,3 +348,4 @@ def test_ctrl_c_saves_the_last_iteration_exits_130_and_resume_accepts_it(uninter
     assert [r["iteration"] for r in summaries] == [r["iteration"] for r in expected] == [3, 6]
     # the resumed epoch's mean loss covers the whole epoch, not only its resumed part
     assert [r["loss"] for r in summaries] == pytest.approx([r["loss"] for r in expected], rel=1e-6)
+    assert [r["skipped_images"] for r in summaries] == [r["skipped_images"] for r in expected] == [1, 1]

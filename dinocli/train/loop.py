@@ -226,6 +226,7 @@ class Trainer:
         #: The loss sum and count of the epoch so far: a checkpoint saved mid-epoch keeps them, so the
         #: resumed epoch's summary is the mean of the whole epoch.
         self.epoch_loss: tuple[float, int] = (0.0, 0)
+        self.epoch_skipped = 0  # unreadable images skipped in the epoch so far, kept the same way
         self._unsettled: list[tuple[int, int, torch.Tensor]] = []  # (epoch, iteration, agreement)
         # last: a run the checks above refuse leaves no folder, and no logger's run is left open
         self._lock = None
@@ -316,6 +317,7 @@ class Trainer:
         self.skipped_images = int(ckpt.get("skipped_images", 0))
         loss_sum, loss_count = ckpt.get("epoch_loss", (0.0, 0))
         self.epoch_loss = (float(loss_sum), int(loss_count))
+        self.epoch_skipped = int(ckpt.get("epoch_skipped", 0))
         self.metrics.rewind(self.iteration)
         self._adapt_to_epoch_length(
             int(ckpt.get("global_batch", self.global_batch)), int(ckpt.get("num_images", len(self.paths))), path
@@ -415,12 +417,13 @@ class Trainer:
         self.student.train()
         self.display.start_epoch(self.epoch, done)
         temp = sched.teacher_temp(self.epoch)
-        (total, count), skipped, stepped = (self.epoch_loss if done else (0.0, 0)), 0, False
+        (total, count), skipped, stepped = (self.epoch_loss if done else (0.0, 0)), (self.epoch_skipped if done else 0), False
         tick, tick_images = time.perf_counter(), 0
         start = time.perf_counter()
         batches = TimedIterator(loader)  # how long each logged interval waited for the workers
         for views, n_skipped in batches:
             skipped += n_skipped
+            self.epoch_skipped = skipped
             if not self._all_have_images(bool(views)):  # nothing to learn from on some process
                 self.iteration += 1
                 continue
@@ -464,7 +467,7 @@ class Trainer:
             "epoch": self.epoch, "iteration": self.iteration, "loss": total / max(count, 1),
             "epoch_time_s": elapsed, "skipped_images": skipped, "summary": "epoch",
         }
-        self.epoch_loss = (0.0, 0)
+        self.epoch_loss, self.epoch_skipped = (0.0, 0), 0
         self.metrics.write(record)
         self.display.log(
             f"epoch {self.epoch + 1}/{cfg.epochs} done: loss {record['loss']:.4f}, "
@@ -633,6 +636,7 @@ class Trainer:
             "iteration": self.iteration,
             "skipped_images": self.skipped_images,
             "epoch_loss": [self.epoch_loss[0], self.epoch_loss[1]],
+            "epoch_skipped": self.epoch_skipped,
             "config": self.cfg.to_dict(),
             "global_batch": self.global_batch,
             "num_images": len(self.paths),
