@@ -417,13 +417,14 @@ class Trainer:
         self.student.train()
         self.display.start_epoch(self.epoch, done)
         temp = sched.teacher_temp(self.epoch)
-        (total, count), skipped, stepped = (self.epoch_loss if done else (0.0, 0)), (self.epoch_skipped if done else 0), False
+        if not done:  # else resumed mid-epoch: the checkpoint's sums of the epoch's first part go on
+            self.epoch_loss, self.epoch_skipped = (0.0, 0), 0
+        stepped = False
         tick, tick_images = time.perf_counter(), 0
         start = time.perf_counter()
         batches = TimedIterator(loader)  # how long each logged interval waited for the workers
         for views, n_skipped in batches:
-            skipped += n_skipped
-            self.epoch_skipped = skipped
+            self.epoch_skipped += n_skipped
             if not self._all_have_images(bool(views)):  # nothing to learn from on some process
                 self.iteration += 1
                 continue
@@ -436,8 +437,7 @@ class Trainer:
             log_now = (self.iteration + 1) % cfg.log_every == 0 or not stepped  # and the first step
             losses, extra = self.step(views, temp, momentum, diagnose=log_now)
             stepped = True
-            total, count = total + sum(losses), count + len(losses)
-            self.epoch_loss = (total, count)
+            self._add_losses(losses)
             self.iteration += 1
             n_images = len(views) if hasattr(views, "finish") else views[0].shape[0]  # encoded or views
             tick_images += n_images * self.group.world_size
@@ -459,15 +459,15 @@ class Trainer:
                 self.display.update({"loss": losses[-1]}, log_line=False)
             if self._stop_agreed or (self.group.world_size == 1 and self._interrupted):
                 self._save_interrupted()  # after this iteration's log line
-        losses = self.settle()
-        total, count = total + sum(losses), count + len(losses)
+        self._add_losses(self.settle())
+        (total, count), skipped = self.epoch_loss, self.epoch_skipped
         self.skipped_images += skipped
         elapsed = time.perf_counter() - start
         record = {
             "epoch": self.epoch, "iteration": self.iteration, "loss": total / max(count, 1),
             "epoch_time_s": elapsed, "skipped_images": skipped, "summary": "epoch",
         }
-        self.epoch_loss, self.epoch_skipped = (0.0, 0), 0
+        self.epoch_loss, self.epoch_skipped = (0.0, 0), 0  # what the end-of-epoch checkpoint holds
         self.metrics.write(record)
         self.display.log(
             f"epoch {self.epoch + 1}/{cfg.epochs} done: loss {record['loss']:.4f}, "
@@ -602,6 +602,9 @@ class Trainer:
             f"{self._checkpoint_state()}"
         )
 
+    def _add_losses(self, losses: list[float]) -> None:
+        self.epoch_loss = (self.epoch_loss[0] + sum(losses), self.epoch_loss[1] + len(losses))
+
     def _checkpoint_state(self) -> str:
         """What a failed run leaves: its last checkpoint intact, or (before the first) none."""
         latest = self.out / LATEST
@@ -657,8 +660,7 @@ class Trainer:
 
     def _save_interrupted(self) -> None:
         """Ctrl-C or SIGTERM: keep the last completed iteration (resume accepts it), then stop."""
-        losses = self.settle()  # no checkpoint of a step whose loss was not finite
-        self.epoch_loss = (self.epoch_loss[0] + sum(losses), self.epoch_loss[1] + len(losses))
+        self._add_losses(self.settle())  # no checkpoint of a step whose loss was not finite
         self.display.close()
         self.save(end_of_epoch=False)
         self.display.log(
